@@ -1,0 +1,61 @@
+"""Shared test fixtures: tiny random auxiliary models built in the test (no downloads) and the shipped GPT-2 BPE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+from tint_hf.assets import load_gpt2_tokenizer
+
+
+def tiny_opt(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> OPTForCausalLM:
+    """A 2-layer pre-LN OPT with d=32, 4 heads, ReLU, vocab 64."""
+    kwargs = dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+        max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True,
+        pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(OPTConfig(**kwargs)).to(dtype).eval()
+    _randomize_norms(model, seed)
+    return model
+
+
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 with d=32, 4 heads, gelu_new, vocab 64."""
+    kwargs = dict(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**kwargs)).to(dtype).eval()
+    _randomize_norms(model, seed)
+    return model
+
+
+def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
+    """Give LayerNorm gamma/beta non-trivial values, so that tests see their effect (default init is 1/0)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+
+
+@pytest.fixture
+def opt_model() -> OPTForCausalLM:
+    return tiny_opt()
+
+
+@pytest.fixture
+def gpt2_model() -> GPT2LMHeadModel:
+    return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    return load_gpt2_tokenizer()

@@ -1,0 +1,6 @@
+"""tint_hf: Trainable Transformer in Transformer (TinT) and mesa-layer OPT models for HuggingFace Transformers.
+
+Importing the package registers its models with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM``.
+"""
+
+__version__ = "0.1.0"
