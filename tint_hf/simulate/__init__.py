@@ -1,0 +1,16 @@
+"""Reference (oracle) implementations of one step of in-context SGD on an ordinary HF causal LM.
+
+* :func:`exact_step`: true dynamic evaluation with torch autograd, for any HF causal LM.
+* :func:`tint_step`: the approximate step that TinT simulates (:class:`Approximations`), for OPT and GPT-2.
+"""
+
+from .exact import exact_step, forward_with_params, select_parameters, sgd_update
+from .masks import TargetMasks, build_target_masks, default_position_ids, next_token_nll
+from .outputs import SimulationOutput
+from .tint import Approximations, tint_step, trainable_names
+
+__all__ = [
+    "Approximations", "SimulationOutput", "TargetMasks", "build_target_masks", "default_position_ids",
+    "exact_step", "forward_with_params", "next_token_nll", "select_parameters", "sgd_update", "tint_step",
+    "trainable_names",
+]
