@@ -1,0 +1,1 @@
+"""TinT: Trainable Transformer in Transformer."""
