@@ -3,4 +3,8 @@
 Importing the package registers its models with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM``.
 """
 
+from .models.tint import TinTConfig, TinTForCausalLM, TinTModel
+
 __version__ = "0.1.0"
+
+__all__ = ["TinTConfig", "TinTForCausalLM", "TinTModel"]

@@ -1,80 +1,10 @@
-"""Which next-token predictions belong to the training part and which to the evaluation part.
+"""Training / evaluation target masks; defined once next to the TinT model (uploadable as remote code)."""
 
-Conventions (shared by ``exact_step``, ``tint_step``, ``TinTForCausalLM`` and the evaluation code):
+from ..models.tint.sequence_masks import (
+    TargetMasks,
+    build_target_masks,
+    default_position_ids,
+    next_token_nll,
+)
 
-* ``attention_mask`` (B, T): 1 for real tokens, 0 for padding (either side).
-* ``train_mask`` (B, T): 1 for tokens in the *training part* of the sequence.
-* ``loss_mask`` (B, T), optional: 1 for tokens that count as training targets (e.g. label words only).
-* Logits at position t predict token t+1. Position t has a **training target** if token t+1 is in the training part
-  (and in ``loss_mask``), an **evaluation target** if token t+1 is not in the training part; both require tokens t
-  and t+1 to be real. The inner SGD step uses the *summed* loss over training targets.
-"""
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-
-
-@dataclass(frozen=True)
-class TargetMasks:
-    """Boolean masks over next-token predictions, all of shape (B, T-1) except ``train_tokens`` (B, T)."""
-
-    train: torch.Tensor
-    eval: torch.Tensor
-    train_tokens: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-
-
-def _as_bool(name: str, mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    mask = torch.as_tensor(mask, device=device)
-    if mask.shape != shape:
-        raise ValueError(f"`{name}` has shape {tuple(mask.shape)} but input_ids has shape {tuple(shape)}; "
-                         f"pass one 0/1 value per token, shape (batch, seq_len).")
-    return mask.bool()
-
-
-def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so that left padding does not shift them: (B, T) long."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def build_target_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, train_mask: torch.Tensor | None,
-                       loss_mask: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None) -> TargetMasks:
-    """Validate the masks and derive training / evaluation targets."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-    if input_ids.shape[1] < 2:
-        raise ValueError("Sequences need at least 2 tokens (one prediction).")
-    shape, device = input_ids.shape, input_ids.device
-    if train_mask is None:
-        raise ValueError("`train_mask` is required: a (batch, seq_len) 0/1 mask with 1 on the tokens of the training "
-                         "part (e.g. the first half of each block, or the demonstrations of a prompt).")
-    attention = _as_bool("attention_mask", attention_mask, shape, device)
-    if attention is None:
-        attention = torch.ones(shape, dtype=torch.bool, device=device)
-    train_tokens = _as_bool("train_mask", train_mask, shape, device) & attention
-    loss = _as_bool("loss_mask", loss_mask, shape, device)
-    pair_real = attention[:, :-1] & attention[:, 1:]
-    train_targets = pair_real & train_tokens[:, 1:]
-    if loss is not None:
-        train_targets = train_targets & loss[:, 1:]
-    eval_targets = pair_real & ~train_tokens[:, 1:]
-    if position_ids is None:
-        position_ids = default_position_ids(attention)
-    elif position_ids.shape != shape:
-        raise ValueError(f"`position_ids` has shape {tuple(position_ids.shape)}, expected {tuple(shape)}.")
-    return TargetMasks(train=train_targets, eval=eval_targets, train_tokens=train_tokens,
-                       attention_mask=attention, position_ids=position_ids)
-
-
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """-log p(x_{t+1} | x_{<=t}) for every position: logits (B, T, V), input_ids (B, T) -> (B, T-1)."""
-    logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
-    return F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+__all__ = ["TargetMasks", "build_target_masks", "default_position_ids", "next_token_nll"]

@@ -1,0 +1,234 @@
+"""TinTForCausalLM against independent references: HF's own OPT / GPT-2 (first pass) and tint_hf.simulate.tint_step
+(the approximate SGD step TinT claims to compute), plus the HF plumbing (Auto classes, save/load, remote code)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_opt
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, OPTConfig, OPTForCausalLM
+
+from tint_hf import TinTConfig, TinTForCausalLM
+from tint_hf.models.tint.auxiliary import UnsupportedAuxiliaryModelError
+from tint_hf.models.tint.modeling_tint import prefix_bias, prefix_weight
+from tint_hf.simulate import Approximations, default_position_ids, exact_step, tint_step
+
+BUILDERS = {"opt": tiny_opt, "gpt2": tiny_gpt2}
+LR = 2e-2
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def batch(seed: int = 0, B: int = 3, T: int = 14, train: int = 9):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 64, (B, T), generator=gen)
+    attn = torch.ones(B, T, dtype=torch.long)
+    attn[1, :3] = 0
+    attn[2, -2:] = 0
+    train_mask = (attn.bool() & (default_position_ids(attn) < train)).long()
+    return ids, attn, train_mask
+
+
+def build(family: str, **construction) -> tuple[torch.nn.Module, TinTForCausalLM]:
+    aux = BUILDERS[family]()
+    construction.setdefault("num_prefixes", 8)
+    construction.setdefault("inner_lr", LR)
+    return aux, TinTForCausalLM.from_auxiliary(aux, **construction)
+
+
+def simulate(aux, tint: TinTForCausalLM, ids, attn, train, loss_mask=None):
+    config = tint.config
+    return tint_step(aux, ids, attn, train, loss_mask, lr=config.inner_lr, n_steps=config.n_steps,
+                     n_layers=config.n_simulation_layers,
+                     approximations=Approximations(**config.approximation_kwargs()))
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_first_pass_equals_hf_model(family):
+    aux, tint = build(family)
+    ids, attn, train = batch()
+    out = tint(ids, attn, train, return_logits_before=True)
+    reference = aux(input_ids=ids, attention_mask=attn, position_ids=default_position_ids(attn)).logits
+    real = attn.bool()
+    assert rel(out.logits_before[real], reference[real]) < 1e-6
+    assert rel(out.logits[real], out.logits_before[real]) > 1e-4  # the internal step changed the prediction
+
+
+CASES = [
+    dict(backward="exact"),
+    dict(backward="fd"),
+    dict(backward="exact", n_simulation_layers=1),
+    dict(backward="exact", n_steps=2),
+    dict(backward="fd", n_steps=2, n_simulation_layers=1),
+    dict(backward="exact", loss_gradient="quad"),
+    dict(backward="exact", loss_gradient="uniform"),
+    dict(backward="exact", ln_bias_only=False),
+    dict(backward="exact", authors_fc2_bias_bug=True),
+    dict(backward="fd", fd_scale=30.0),
+]
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_internal_step_equals_reference_tint_step(family, case):
+    aux, tint = build(family, **case)
+    ids, attn, train = batch(seed=1)
+    out = tint(ids, attn, train, return_logits_before=True)
+    sim = simulate(aux, tint, ids, attn, train)
+    real = attn.bool()
+    delta = (out.logits - out.logits_before)[real]
+    expected = (sim.logits_after - sim.logits_before)[real]
+    assert expected.norm() > 1e-3
+    assert rel(delta, expected) < 1e-9  # float64; the issue's bound is 1e-4
+
+
+def test_label_only_loss_mask_and_interleaved_training_part():
+    aux, tint = build("opt", backward="exact")
+    ids, attn, train = batch(seed=2)
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, 5::3] = 1
+    train[:, 3] = 0  # a hole in the training part
+    out = tint(ids, attn, train, loss_mask, return_logits_before=True)
+    sim = simulate(aux, tint, ids, attn, train, loss_mask)
+    real = attn.bool()
+    assert rel((out.logits - out.logits_before)[real], (sim.logits_after - sim.logits_before)[real]) < 1e-9
+
+
+def test_inner_lr_is_a_runtime_argument():
+    aux, tint = build("gpt2", backward="exact")
+    ids, attn, train = batch(seed=3)
+    _, rebuilt = build("gpt2", backward="exact", inner_lr=5e-3)
+    assert torch.allclose(tint(ids, attn, train, inner_lr=5e-3).logits, rebuilt(ids, attn, train).logits,
+                          rtol=0, atol=1e-12)
+    zero = tint(ids, attn, train, inner_lr=0.0, return_logits_before=True)
+    assert torch.allclose(zero.logits, zero.logits_before, rtol=0, atol=1e-12)
+
+
+def test_gap_to_exact_sgd_is_small_but_not_zero():
+    """TinT approximates SGD: on the same parameter subset its logit change is close to, not equal to, exact SGD's."""
+    aux, tint = build("opt", backward="exact")
+    ids, attn, train = batch(seed=4)
+    out = tint(ids, attn, train, return_logits_before=True)
+    exact = exact_step(aux, ids, attn, train, lr=LR)
+    real = attn.bool()
+    gap = rel((out.logits - out.logits_before)[real], (exact.logits_after - exact.logits_before)[real])
+    assert 1e-6 < gap < 0.5, gap
+
+
+def test_padded_batch_equals_one_sequence_at_a_time():
+    _, tint = build("opt")
+    ids, attn, train = batch(seed=5)
+    together = tint(ids, attn, train)
+    for b in range(ids.shape[0]):
+        real = attn[b].bool()
+        alone = tint(ids[b][real][None], None, train[b][real][None])
+        assert rel(together.logits[b][real], alone.logits[0]) < 1e-10
+
+
+def test_default_train_mask_is_the_first_fraction_of_real_tokens():
+    _, tint = build("gpt2", default_train_fraction=0.5)
+    ids, attn, _ = batch(seed=6)
+    counts = attn.sum(-1, keepdim=True)
+    explicit = attn.bool() & (default_position_ids(attn) < counts // 2)
+    assert torch.equal(tint(ids, attn).logits, tint(ids, attn, explicit.long()).logits)
+    labels = ids.masked_fill(attn == 0, -100)
+    out = tint(ids, attn, labels=labels, return_logits_before=True)
+    assert out.loss is not None and out.loss_before is not None and out.loss < out.loss_before + 1.0
+
+
+def test_prefixes_hold_the_auxiliary_weights():
+    aux, tint = build("opt")
+    d = aux.config.hidden_size
+    block = tint.model.layers[1]
+    v_proj = aux.model.decoder.layers[1].self_attn.v_proj
+    assert torch.equal(prefix_weight(block.prefixes["v"], d), v_proj.weight)
+    assert torch.equal(prefix_bias(block.prefixes["v"], d), v_proj.bias)
+    fc2 = aux.model.decoder.layers[1].fc2.weight
+    assert torch.equal(prefix_weight(block.prefixes["fc2"][1], d), fc2[:, d:2 * d])
+
+
+def test_shape_rules_and_unsupported_models_fail_clearly():
+    with pytest.raises(ValueError, match="num_prefixes=5 must divide"):
+        TinTConfig(aux_config=tiny_opt().config, num_prefixes=5)
+    with pytest.raises(ValueError, match="hidden_size=100 must equal"):
+        TinTConfig(aux_config=tiny_opt().config, num_prefixes=8, hidden_size=100)
+    with pytest.raises(ValueError, match="num_attention_heads=2"):
+        TinTConfig(aux_config=tiny_opt().config, num_prefixes=8, num_attention_heads=2)
+    post_ln = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=False))
+    with pytest.raises(UnsupportedAuxiliaryModelError, match="post-LayerNorm"):
+        TinTForCausalLM.from_auxiliary(post_ln, num_prefixes=8)
+    projected = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         ffn_dim=64, word_embed_proj_dim=16))
+    with pytest.raises(UnsupportedAuxiliaryModelError, match="word_embed_proj_dim"):
+        TinTForCausalLM.from_auxiliary(projected, num_prefixes=8)
+
+
+@pytest.mark.parametrize(("aux_config", "expected"), [(OPTConfig(), 1_669_324_018), (GPT2Config(), 1_476_796_914)])
+def test_dense_equivalent_parameter_count(aux_config, expected):
+    with torch.device("meta"):
+        model = TinTForCausalLM(TinTConfig(aux_config=aux_config, num_prefixes=256, hidden_size=3072,
+                                           num_attention_heads=12))
+    assert model.num_parameters(dense_equivalent=True) == expected
+    # The structured construction stores the auxiliary weights in prefixes: about 173M numbers, not 1.67B.
+    assert model.num_parameters() < 180_000_000
+
+
+def test_save_and_load_with_auto_classes(tmp_path):
+    _, tint = build("opt", backward="exact", n_steps=2)
+    ids, attn, train = batch(seed=7)
+    expected = tint(ids, attn, train).logits
+    tint.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "modeling_tint.py").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "tint" and config["aux_config"]["model_type"] == "opt"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_tint.TinTForCausalLM"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), TinTConfig)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, output_loading_info=True)
+    assert isinstance(loaded, TinTForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.allclose(loaded(ids, attn, train).logits, expected, rtol=0, atol=1e-12)
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, device_map="auto")
+    assert torch.allclose(mapped(ids, attn, train).logits, expected, rtol=0, atol=1e-12)
+
+
+def test_remote_code_loads_without_tint_hf(tmp_path):
+    """A saved folder loads with trust_remote_code=True in a process where tint_hf cannot be imported."""
+    _, tint = build("gpt2", backward="exact")
+    ids, attn, train = batch(seed=8)
+    tint.save_pretrained(tmp_path / "ckpt")
+    torch.save({"ids": ids, "attn": attn, "train": train, "logits": tint(ids, attn, train).logits},
+               tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["tint_hf"] = None  # any import of tint_hf now fails
+        from transformers import AutoModelForCausalLM
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True,
+                                                     dtype=torch.float64)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        out = model(io["ids"], io["attn"], io["train"]).logits
+        assert torch.allclose(out, io["logits"], rtol=0, atol=1e-12), (out - io["logits"]).abs().max()
+        print("remote-ok")
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "remote-ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_generate_runs_the_simulation_each_step():
+    _, tint = build("opt", default_train_fraction=1.0)
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(9))
+    generated = tint.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=1)
+    expected = ids
+    for _ in range(3):
+        next_token = tint(expected).logits[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat([expected, next_token], dim=1)
+    assert torch.equal(generated, expected)

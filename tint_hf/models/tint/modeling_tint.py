@@ -1,0 +1,624 @@
+"""TinT: a transformer whose forward pass simulates, fine-tunes and re-runs an auxiliary language model.
+
+Panigrahi, Malladi, Xia, Arora, "Trainable Transformer in Transformer" (ICML 2024). One ``TinTForCausalLM``
+forward pass on a sequence of T auxiliary tokens
+
+1. runs the auxiliary forward pass (OPT or GPT-2) with its weights read from prefix embeddings;
+2. injects the gradient of the summed next-token loss over the *training part* at the final LayerNorm;
+3. runs the approximate backward pass through the top ``n_simulation_layers`` layers, and in the same layers
+   adds ``-inner_lr * sum_t dy_t x_t^T`` to the prefix embeddings (the simulated SGD step);
+4. re-runs the top layers with the updated prefixes and predicts with them.
+
+Layout. TinT works on P prefix rows of width D = d (r + 1) and T token rows. Prefix row j of a simulated d x d
+linear map (W, b) holds r = d / P consecutive rows ``W[r j : r j + r]`` and one copy of b (read from prefix 0).
+Token rows carry the auxiliary signal in their first d coordinates; the activations a backward module needs are
+passed from its forward module along explicit skip edges (:class:`BlockMemory`) instead of reserved residual
+channels, so token rows are stored d wide.
+
+Modules (each a standard transformer operation; construction matrices are index operations, never dense):
+
+* :class:`TinTLinearForward`: linear attention, token queries x_t split in s = d / P shards of width P, prefix
+  keys (one weight head per row slot a and shard c); the value of prefix j places its score in coordinate r j + a.
+  ``y = x W^T + b`` with exactly the FLOPs of the matrix product.
+* :class:`TinTLinearBackwardDescent`: one layer with backward heads (token rows: ``dx = W^T dy``) and descent heads
+  (prefix rows attend to training-part tokens: ``dW = sum_t dy_t x_t^T``).
+* :class:`TinTLayerNorm`: normalisation over the d signal coordinates, then a linear forward with diag(gamma)
+  prefixes; its backward is TinT's finite difference ``N (f(x + g / N) - f(x))`` (or the exact VJP).
+* :class:`TinTActivation`: the auxiliary non-linearity and its finite-difference backward.
+* :class:`TinTSoftmaxAttention`: causal softmax attention among token rows (prefix keys masked), one TinT head per
+  auxiliary head, and its value-path backward ``dv_i = sum_j A_ji M_ij do_j`` (stop-gradient on the scores).
+* :class:`TinTLossGradient`: softmax attention from each token to V vocabulary slots (keys and values = rows of
+  the embedding matrix E), minus the next token's embedding: ``dy_t = E^T (softmax(E y_t) - e_{x_{t+1}})``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ModelOutput
+
+from .auxiliary import AuxiliarySpec, auxiliary_spec, layer_key, read_auxiliary
+from .configuration_tint import TinTConfig
+from .dense_count import authors_dense_parameter_count
+from .sequence_masks import TargetMasks, build_target_masks, default_position_ids, next_token_nll
+
+LINEAR_SLOTS = ("q", "k", "v", "o")
+NORM_SLOTS = ("ln1", "ln2")
+MLP_SLOTS = ("fc1", "fc2")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prefix layout
+# --------------------------------------------------------------------------------------------------------------
+def stack_into_prefixes(weight: torch.Tensor, bias: torch.Tensor, num_prefixes: int) -> torch.Tensor:
+    """Store a d x d linear map in P prefix embeddings: (..., d, d), (..., d) -> (..., P, D = d (r + 1)).
+
+    Prefix j holds rows ``r j .. r j + r - 1`` of ``weight`` side by side, then a copy of ``bias``.
+    """
+    d = weight.shape[-1]
+    rows = weight.reshape(*weight.shape[:-2], num_prefixes, d * d // num_prefixes)
+    return torch.cat([rows, bias.unsqueeze(-2).expand(*bias.shape[:-1], num_prefixes, d)], dim=-1)
+
+
+def prefix_weight(prefix: torch.Tensor, d: int) -> torch.Tensor:
+    """The d x d weight stored in prefixes (..., P, D)."""
+    return prefix[..., : prefix.shape[-1] - d].reshape(*prefix.shape[:-2], d, d)
+
+
+def prefix_bias(prefix: torch.Tensor, d: int) -> torch.Tensor:
+    """The bias stored in prefixes (..., P, D): prefix 0's bias slot."""
+    return prefix[..., 0, -d:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------
+class TinTLinearForward(nn.Module):
+    """y = x W^T + b as linear attention from token rows to the P prefix rows holding (W, b).
+
+    Weight head (a, c) (a < r row slot, c < s = d / P input shard): query(t) = x_t[c P : (c + 1) P],
+    key(j) = prefix_j[a d + c P : a d + (c + 1) P], value(j) = e_j, placed at output coordinate r j + a;
+    the s shards of a row are summed. Bias head: query(t) = key(0) = e_0, value = prefix 0's bias slot.
+
+    Shapes: x (B, G | 1, T, d), prefixes (B | 1, G, P, D) for G maps applied in parallel -> (B, G, T, d).
+    """
+
+    def __init__(self, d: int, num_prefixes: int):
+        super().__init__()
+        self.d, self.P = d, num_prefixes
+        self.r = d // num_prefixes
+
+    def keys(self, prefixes: torch.Tensor) -> torch.Tensor:
+        """(B, G, P, D) -> weight-head keys (B, G, P, r, s, P)."""
+        return prefixes[..., : self.r * self.d].unflatten(-1, (self.r, self.d // self.P, self.P))
+
+    def forward(self, x: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+        queries = x.unflatten(-1, (self.d // self.P, self.P))                           # (B, G, T, s, P)
+        scores = torch.einsum("bgtcp,bgjacp->bgtja", queries, self.keys(prefixes))       # (B, G, T, P, r)
+        return scores.flatten(-2) + prefix_bias(prefixes, self.d).unsqueeze(-2)
+
+
+class TinTLinearBackwardDescent(TinTLinearForward):
+    """Backward heads on token rows and descent heads on prefix rows, in one layer.
+
+    Backward head (a, c): query(t) = dy_t at coordinates (a, r + a, ..., r (P-1) + a), key(j) = e_j,
+    value(j) = prefix_j's (a, c) chunk: ``dx_t = W^T dy_t``.
+    Descent head (a, c): query(j) = e_j, key(t) = the same strided dy_t, value(t) = -lr_t x_t[c P : (c + 1) P]
+    where ``lr_t`` is the inner learning rate on training-part tokens and 0 elsewhere: prefix rows receive
+    ``-lr sum_t dy_t x_t^T`` (bias heads: ``-lr sum_t dy_t`` into prefix 0's bias slot).
+
+    Shapes: dy (B, G, T, d), x (B, G | 1, T, d), prefixes (B | 1, G, P, D), token_lr (B, T) ->
+    dx (B, G, T, d), new prefixes (B, G, P, D).
+    """
+
+    def forward(self, dy: torch.Tensor, x: torch.Tensor, prefixes: torch.Tensor, token_lr: torch.Tensor,
+                update_weight: bool = True, update_bias: torch.Tensor | bool = True) -> tuple[torch.Tensor, ...]:
+        strided = dy.unflatten(-1, (self.P, self.r))                                     # (B, G, T, P, r)
+        dx = torch.einsum("bgtja,bgjacp->bgtcp", strided, self.keys(prefixes)).flatten(-2)
+        scaled = strided * token_lr[:, None, :, None, None].to(dy.dtype)
+        B, G = dy.shape[:2]
+        new = prefixes.expand(B, G, *prefixes.shape[-2:]).clone()
+        if update_weight:
+            queries = x.unflatten(-1, (self.d // self.P, self.P))                       # (B, G|1, T, s, P)
+            delta = torch.einsum("bgtja,bgtcp->bgjacp", scaled, queries.expand(B, G, *queries.shape[2:]))
+            new[..., : self.r * self.d] -= delta.flatten(-3)
+        bias_delta = scaled.flatten(-2).sum(-2)                                          # (B, G, d)
+        if isinstance(update_bias, torch.Tensor):                                        # per-map switch (G,)
+            bias_delta = bias_delta * update_bias.to(bias_delta.dtype)[:, None]
+        if update_bias is not False:
+            new[..., 0, -self.d:] -= bias_delta
+        return dx, new
+
+
+class TinTLayerNorm(nn.Module):
+    """LayerNorm as normalisation over the d signal coordinates followed by a linear forward with diag(gamma).
+
+    Backward: ``g_hat = W^T dy = gamma * dy`` (linear backward), then the normalisation's VJP, either by TinT's
+    finite difference ``N (f(x + g_hat / N) - f(x))`` (linear -> normalise -> linear) or exactly
+    ``(g_hat - mean(g_hat) - x_hat mean(g_hat x_hat)) / sigma``. Descent: beta (and, unless bias-only,
+    the diagonal gamma) from ``-lr sum_t dy_t`` and ``-lr sum_t dy_t * x_hat_t``.
+    """
+
+    def __init__(self, d: int, num_prefixes: int, eps: float):
+        super().__init__()
+        self.d, self.P, self.eps = d, num_prefixes, eps
+        self.affine = TinTLinearForward(d, num_prefixes)
+        self.affine_backward = TinTLinearBackwardDescent(d, num_prefixes)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.d,), eps=self.eps)
+
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d), prefix (B | 1, P, D) -> (y, x_hat)."""
+        x_hat = self.normalize(x)
+        return self.affine(x_hat.unsqueeze(1), prefix.unsqueeze(1)).squeeze(1), x_hat
+
+    def backward_descent(self, dy: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, prefix: torch.Tensor,
+                         token_lr: torch.Tensor, bias_only: bool, mode: str,
+                         fd_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        g_hat, new = self.affine_backward(dy.unsqueeze(1), x_hat.unsqueeze(1), prefix.unsqueeze(1), token_lr,
+                                          update_weight=False)
+        g_hat, new = g_hat.squeeze(1), new.squeeze(1)
+        if not bias_only:  # gamma is a diagonal matrix: descend on its diagonal only
+            gamma_delta = torch.einsum("btd,btd->bd", dy * token_lr.unsqueeze(-1).to(dy.dtype), x_hat)
+            new = new - stack_into_prefixes(torch.diag_embed(gamma_delta), torch.zeros_like(gamma_delta), self.P)
+        if mode == "fd":
+            dx = fd_scale * (self.normalize(x + g_hat / fd_scale) - x_hat)
+        else:
+            sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps)
+            dx = (g_hat - g_hat.mean(-1, keepdim=True) - x_hat * (g_hat * x_hat).mean(-1, keepdim=True)) / sigma
+        return dx, new
+
+
+class TinTActivation(nn.Module):
+    """The auxiliary non-linearity; backward ``N (act(z + g / N) - act(z))`` or exactly ``act'(z) g``."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.act = ACT2FN[name]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.act(z)
+
+    def backward(self, grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor, mode: str, fd_scale: float):
+        if mode == "fd":
+            return fd_scale * (self.act(z + grad / fd_scale) - a)
+        with torch.enable_grad():
+            z_ = z.detach().requires_grad_(True)
+            (dz,) = torch.autograd.grad(self.act(z_), z_, grad)
+        return dz
+
+
+class TinTSoftmaxAttention(nn.Module):
+    """Causal softmax attention among token rows; TinT head i simulates auxiliary head i.
+
+    Forward: ``o = softmax(q k^T * scale + mask) v`` per head. Backward (value path, stop-gradient on the scores):
+    the attention probabilities are recomputed from the stored q, k, transposed and masked by TinT's M:
+    ``dv_i = sum_j A_ji dout_j`` over j = i or j in the training part.
+    """
+
+    def __init__(self, spec: AuxiliarySpec):
+        super().__init__()
+        self.h, self.dh, self.scale = spec.num_heads, spec.head_dim, spec.attention_scale
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.h, self.dh)).transpose(1, 2)                        # (B, h, T, dh)
+
+    def probabilities(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        scores = (self.heads(q) @ self.heads(k).transpose(-1, -2)) * self.scale
+        return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)  # (B, h, T, T)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        out = self.probabilities(q, k, allowed) @ self.heads(v)
+        return out.transpose(1, 2).flatten(-2)                                          # (B, T, d)
+
+    def value_backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor,
+                       train_tokens: torch.Tensor) -> torch.Tensor:
+        probs = self.probabilities(q, k, allowed)
+        T = probs.shape[-1]
+        own = torch.eye(T, dtype=torch.bool, device=probs.device)
+        probs = torch.where(train_tokens[:, None, :, None] | own, probs, 0.0)             # TinT's mask M
+        dv = probs.transpose(-1, -2) @ self.heads(dout)
+        return dv.transpose(1, 2).flatten(-2)
+
+
+class TinTLossGradient(nn.Module):
+    """Gradient of the summed next-token loss at the final-LN output y, on training targets only.
+
+    ``ce``: softmax attention of y_t over V vocabulary slots (keys = values = rows of E) minus E[x_{t+1}];
+    ``quad``: ``E^T E y_t - E[x_{t+1}]``; ``uniform``: ``mean_v E_v - E[x_{t+1}]``.
+    Shapes: y (B, T, d), E (V, d), input_ids (B, T), train targets (B, T-1) -> dy (B, T, d).
+    """
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, y: torch.Tensor, embedding: torch.Tensor, input_ids: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        if self.mode == "ce":
+            predicted = (y @ embedding.T).softmax(-1) @ embedding
+        elif self.mode == "quad":
+            predicted = (y @ embedding.T) @ embedding
+        else:
+            predicted = embedding.mean(0).expand_as(y)
+        grad = predicted[:, :-1] - F.embedding(input_ids[:, 1:], embedding)
+        return F.pad(grad * targets.unsqueeze(-1).to(grad.dtype), (0, 0, 0, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class BlockMemory:
+    """Activations a forward block hands to its backward block (TinT's skip edges). All (B, T, d) except
+    z and a, (B, C, T, d) for the C = d_ff / d MLP chunks."""
+
+    ln1_x: torch.Tensor
+    ln1_x_hat: torch.Tensor
+    u: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    attn: torch.Tensor
+    ln2_x: torch.Tensor
+    ln2_x_hat: torch.Tensor
+    x2: torch.Tensor
+    z: torch.Tensor
+    a: torch.Tensor
+
+
+@dataclass
+class StepContext:
+    """Per-call quantities shared by every block: masks and the inner learning rate per token."""
+
+    allowed: torch.Tensor        # (B, 1, T, T) causal attention among real tokens
+    train_tokens: torch.Tensor   # (B, T) bool: token in the training part
+    token_lr: torch.Tensor       # (B, T) inner lr on training-part tokens, 0 elsewhere
+
+
+class TinTForwardBlock(nn.Module):
+    """One simulated auxiliary layer: LN1 -> QKV -> softmax attention -> O (+res) -> LN2 -> MLP chunks (+res).
+
+    Holds this layer's prefix embeddings: ``prefixes[slot]`` of shape (P, D) for ln1, q, k, v, o, ln2 and
+    (C, P, D) for the C MLP chunks of fc1 and fc2.
+    """
+
+    def __init__(self, config: TinTConfig):
+        super().__init__()
+        spec = config.aux_config_spec
+        d, P, D = spec.hidden_size, config.num_prefixes, config.hidden_size
+        chunks = spec.ffn_dim // d
+        self.prefixes = nn.ParameterDict(
+            {slot: nn.Parameter(torch.zeros(P, D)) for slot in NORM_SLOTS + LINEAR_SLOTS}
+            | {slot: nn.Parameter(torch.zeros(chunks, P, D)) for slot in MLP_SLOTS}
+        )
+        self.linear = TinTLinearForward(d, P)
+        self.norm = TinTLayerNorm(d, P, spec.layer_norm_eps)
+        self.attention = TinTSoftmaxAttention(spec)
+        self.activation = TinTActivation(spec.activation)
+
+    def initial_prefixes(self) -> dict[str, torch.Tensor]:
+        """The learned prefix embeddings with a leading batch dimension of 1."""
+        return {slot: p.unsqueeze(0) for slot, p in self.prefixes.items()}
+
+    def forward(self, hidden: torch.Tensor, prefixes: dict[str, torch.Tensor],
+                context: StepContext) -> tuple[torch.Tensor, BlockMemory]:
+        """hidden (B, T, d), prefixes from :meth:`initial_prefixes` or a backward block -> (hidden, memory)."""
+        u, ln1_x_hat = self.norm(hidden, prefixes["ln1"])
+        qkv = torch.stack([prefixes[s].expand_as(prefixes["v"]) for s in ("q", "k", "v")], dim=1)
+        q, k, v = self.linear(u.unsqueeze(1), qkv).unbind(1)
+        attn = self.attention(q, k, v, context.allowed)
+        after_attention = hidden + self.linear(attn.unsqueeze(1), prefixes["o"].unsqueeze(1)).squeeze(1)
+        x2, ln2_x_hat = self.norm(after_attention, prefixes["ln2"])
+        z = self.linear(x2.unsqueeze(1), prefixes["fc1"])                                # (B, C, T, d)
+        a = self.activation(z)
+        out = after_attention + self.linear(a, prefixes["fc2"]).sum(1)
+        memory = BlockMemory(ln1_x=hidden, ln1_x_hat=ln1_x_hat, u=u, q=q, k=k, attn=attn, ln2_x=after_attention,
+                             ln2_x_hat=ln2_x_hat, x2=x2, z=z, a=a)
+        return out, memory
+
+
+class TinTBackwardBlock(nn.Module):
+    """Backward and descent of one simulated layer (no parameters of its own: it reads and updates prefixes).
+
+    In reverse order: fc2 / activation / fc1 chunks, LN2 (+res), O, attention value path, V, LN1 (+res).
+    Q and K are never updated and get no gradient (stop-gradient on the attention scores).
+    """
+
+    def __init__(self, config: TinTConfig):
+        super().__init__()
+        spec = config.aux_config_spec
+        d, P = spec.hidden_size, config.num_prefixes
+        self.linear = TinTLinearBackwardDescent(d, P)
+        self.norm = TinTLayerNorm(d, P, spec.layer_norm_eps)
+        self.attention = TinTSoftmaxAttention(spec)
+        self.activation = TinTActivation(spec.activation)
+        self.chunks = spec.ffn_dim // d
+        self.bias_only, self.mode, self.fd_scale = config.ln_bias_only, config.backward, config.fd_scale
+        self.fc2_bias_bug = config.authors_fc2_bias_bug
+
+    def forward(self, grad: torch.Tensor, memory: BlockMemory, prefixes: dict[str, torch.Tensor],
+                context: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """grad (B, T, d) at the block output -> (grad at the block input, updated prefixes)."""
+        lr = context.token_lr
+        new = dict(prefixes)
+        # MLP: every chunk starts from the block-output gradient. Only chunk 0 holds the fc2 bias and descends
+        # on it (the authors' code lets all C chunks descend, i.e. C times the step).
+        fc2_bias = torch.ones(self.chunks, dtype=torch.bool, device=grad.device)
+        fc2_bias[1:] = self.fc2_bias_bug
+        grad_a, new["fc2"] = self.linear(grad.unsqueeze(1).expand(-1, self.chunks, -1, -1), memory.a,
+                                         prefixes["fc2"], lr, update_bias=fc2_bias)
+        grad_z = self.activation.backward(grad_a, memory.z, memory.a, self.mode, self.fd_scale)
+        grad_x2, new["fc1"] = self.linear(grad_z, memory.x2.unsqueeze(1), prefixes["fc1"], lr)
+        grad_mid, new["ln2"] = self.norm.backward_descent(grad_x2.sum(1), memory.ln2_x, memory.ln2_x_hat,
+                                                          prefixes["ln2"], lr, self.bias_only, self.mode,
+                                                          self.fd_scale)
+        grad = grad + grad_mid
+        # Attention: O, the value path of the softmax, V, LN1.
+        grad_attn, new["o"] = self._single(grad, memory.attn, prefixes["o"], lr)
+        grad_v = self.attention.value_backward(grad_attn, memory.q, memory.k, context.allowed,
+                                               context.train_tokens)
+        grad_u, new["v"] = self._single(grad_v, memory.u, prefixes["v"], lr)
+        grad_in, new["ln1"] = self.norm.backward_descent(grad_u, memory.ln1_x, memory.ln1_x_hat, prefixes["ln1"],
+                                                         lr, self.bias_only, self.mode, self.fd_scale)
+        return grad + grad_in, new
+
+    def _single(self, dy: torch.Tensor, x: torch.Tensor, prefix: torch.Tensor, lr: torch.Tensor):
+        dx, new = self.linear(dy.unsqueeze(1), x.unsqueeze(1), prefix.unsqueeze(1), lr)
+        return dx.squeeze(1), new.squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class TinTModelOutput(ModelOutput):
+    """``last_hidden_state``: final-LN output after the simulated step(s) (B, T, d);
+    ``hidden_state_before``: the same for the first (un-updated) simulated pass, if requested."""
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_state_before: torch.Tensor | None = None
+
+
+@dataclass
+class TinTCausalLMOutput(ModelOutput):
+    """``logits`` after the internal update; ``loss`` = mean NLL of ``labels`` on the evaluation part;
+    ``logits_before`` / ``loss_before`` for the auxiliary model before the update, if requested."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    logits_before: torch.Tensor | None = None
+    loss_before: torch.Tensor | None = None
+    past_key_values: None = None
+
+
+class TinTPreTrainedModel(PreTrainedModel):
+    config: TinTConfig
+    config_class = TinTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["TinTForwardBlock"]
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False,
+                       dense_equivalent: bool = False) -> int:
+        """Parameter count; ``dense_equivalent=True`` counts the construction the authors' way, with every
+        selection / permutation matrix stored densely (1,669,324,018 for OPT-125M with block reuse)."""
+        if not dense_equivalent:
+            return super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        config, spec = self.config, self.config.aux_config_spec
+        return authors_dense_parameter_count(
+            aux_family=spec.family, d=spec.hidden_size, n_aux_layers=spec.num_layers, n_aux_heads=spec.num_heads,
+            d_ff=spec.ffn_dim, vocab_size=spec.vocab_size, max_positions=spec.max_positions, D=config.hidden_size,
+            P=config.num_prefixes, H=config.num_attention_heads, n_simulation_layers=config.n_simulation_layers,
+            n_steps=config.n_steps, reuse_forward_blocks=config.reuse_forward_blocks,
+            reuse_backward_blocks=config.reuse_backward_blocks, position_offset=spec.position_offset,
+        )["total"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """A randomly initialised TinT is not a simulator: build one with ``TinTForCausalLM.from_auxiliary``."""
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+
+class TinTModel(TinTPreTrainedModel):
+    """The simulator: embeddings, one forward block per auxiliary layer, the final LN prefix, the gradient module
+    and a (parameter-free) backward block. Returns final-LN outputs; :class:`TinTForCausalLM` adds the LM head."""
+
+    def __init__(self, config: TinTConfig):
+        super().__init__(config)
+        spec = config.aux_config_spec
+        self.spec = spec
+        d, P, D = spec.hidden_size, config.num_prefixes, config.hidden_size
+        self.embed_tokens = nn.Embedding(spec.vocab_size, d)
+        self.embed_positions = nn.Embedding(spec.max_positions + spec.position_offset, d)
+        self.layers = nn.ModuleList(TinTForwardBlock(config) for _ in range(spec.num_layers))
+        self.final_norm_prefix = nn.Parameter(torch.zeros(P, D))
+        self.final_norm = TinTLayerNorm(d, P, spec.layer_norm_eps)
+        self.loss_gradient = TinTLossGradient(config.loss_gradient)
+        self.backward_block = TinTBackwardBlock(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inner_lr: float | None = None,
+                return_hidden_before: bool = False, **kwargs) -> TinTModelOutput:
+        masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
+        lr = self.config.inner_lr if inner_lr is None else inner_lr
+        n, L = self.config.n_simulation_layers, self.spec.num_layers
+        hidden = self.embed_tokens(input_ids) + self.embed_positions(masks.position_ids + self.spec.position_offset)
+        context = StepContext(allowed=_causal_allowed(masks.attention_mask), train_tokens=masks.train_tokens,
+                              token_lr=masks.train_tokens.to(hidden.dtype) * lr)
+        for layer in self.layers[: L - n]:  # never updated: run once, reused by every later pass
+            hidden, _ = layer(hidden, layer.initial_prefixes(), context)
+        continued = hidden
+        prefixes = [layer.initial_prefixes() for layer in self.layers[L - n:]]
+        final_prefix = self.final_norm_prefix.unsqueeze(0)
+        hidden_before = None
+        for _ in range(self.config.n_steps):
+            y, memories, final_x_hat, final_x = self._simulated_forward(continued, prefixes, final_prefix, context)
+            if hidden_before is None:
+                hidden_before = y
+            # Gradient module: loss gradient at the final-LN output, final LN backward + descent.
+            grad = self.loss_gradient(y, self.embed_tokens.weight, input_ids, masks.train)
+            grad, final_prefix = self.final_norm.backward_descent(
+                grad, final_x, final_x_hat, final_prefix, context.token_lr, self.config.ln_bias_only,
+                self.config.backward, self.config.fd_scale)
+            for i in reversed(range(n)):
+                grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], context)
+        y, _, _, _ = self._simulated_forward(continued, prefixes, final_prefix, context)
+        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before if return_hidden_before else None)
+
+    def _simulated_forward(self, hidden, prefixes, final_prefix, context):
+        """The top layers (those the step updates) and the final LN, keeping each block's memory."""
+        n, L = self.config.n_simulation_layers, self.spec.num_layers
+        memories = []
+        for layer, layer_prefixes in zip(self.layers[L - n:], prefixes):
+            hidden, memory = layer(hidden, layer_prefixes, context)
+            memories.append(memory)
+        y, x_hat = self.final_norm(hidden, final_prefix)
+        return y, memories, x_hat, hidden
+
+    def target_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     train_mask: torch.Tensor | None, loss_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None) -> TargetMasks:
+        """Masks of the call; without ``train_mask`` the first ``default_train_fraction`` of each sequence's real
+        tokens is the training part."""
+        if train_mask is None:
+            real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            counts = real.sum(-1, keepdim=True)
+            index = default_position_ids(real)
+            train_mask = real.bool() & (index < (counts * self.config.default_train_fraction).floor().long())
+        if input_ids.shape[1] > self.spec.max_positions:
+            raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds the auxiliary model's "
+                             f"{self.spec.max_positions} positions.")
+        return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
+
+
+def _causal_allowed(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) real-token mask -> (B, 1, T, T) causal mask among real tokens (padded rows attend to themselves)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return (causal & attention_mask[:, None, None, :].bool()) | eye
+
+
+class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
+    """TinT with its LM head (tied to the auxiliary token embedding). See the module docstring."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TinTConfig):
+        super().__init__(config)
+        self.model = TinTModel(config)
+        spec = config.aux_config_spec
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                inner_lr: float | None = None, return_logits_before: bool = False,
+                **kwargs) -> TinTCausalLMOutput:
+        """One TinT pass: simulate, fine-tune on the training part, predict.
+
+        Args:
+            input_ids, attention_mask, position_ids: (B, T) auxiliary tokens, padding (either side), positions.
+            train_mask: (B, T) 1 on the training part; default: the first ``config.default_train_fraction`` of
+                each sequence's real tokens.
+            loss_mask: (B, T) optional restriction of the training targets (e.g. label words only).
+            labels: (B, T) targets (usually ``input_ids``); the loss is their mean NLL over evaluation targets.
+            inner_lr: overrides ``config.inner_lr`` for this call.
+            return_logits_before: also return the logits (and loss) of the auxiliary model before the step.
+        """
+        out = self.model(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr,
+                         return_hidden_before=return_logits_before)
+        logits = self.lm_head(out.last_hidden_state)
+        logits_before = self.lm_head(out.hidden_state_before) if return_logits_before else None
+        loss = loss_before = None
+        if labels is not None:
+            masks = self.model.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
+            loss = _eval_loss(logits, labels, masks)
+            if logits_before is not None:
+                loss_before = _eval_loss(logits_before, labels, masks)
+        return TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                                      **kwargs) -> dict:
+        """No cache: every generation step re-runs the whole simulation on the sequence so far."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    @classmethod
+    def from_auxiliary(cls, model_or_path: nn.Module | str, dtype: torch.dtype | None = None,
+                       **construction) -> TinTForCausalLM:
+        """Construct TinT from an auxiliary OPT / GPT-2 model (an instance, a local folder or a Hub id).
+
+        ``construction`` holds :class:`TinTConfig` fields (num_prefixes, n_simulation_layers, inner_lr, ...).
+        The prefix embeddings receive the auxiliary weights; nothing else needs values.
+        """
+        if isinstance(model_or_path, str):
+            from transformers import AutoModelForCausalLM
+
+            aux = AutoModelForCausalLM.from_pretrained(model_or_path, dtype=dtype or torch.float32)
+            construction.setdefault("aux_model_id", model_or_path)
+        else:
+            aux = model_or_path
+        auxiliary_spec(aux.config)  # clear error for unsupported families before anything else
+        config = TinTConfig(aux_config=aux.config.to_dict(), **construction)
+        spec, weights = read_auxiliary(aux)
+        target_dtype = dtype or weights["embed_tokens"].dtype
+        model = cls(config).to(target_dtype)
+        with torch.no_grad():
+            load_auxiliary_into(model.model, spec, config.num_prefixes, weights)
+        model.tie_weights()
+        return model.eval()
+
+
+def load_auxiliary_into(model: TinTModel, spec: AuxiliarySpec, num_prefixes: int,
+                        weights: dict[str, torch.Tensor]) -> None:
+    """Write canonical auxiliary weights (see ``auxiliary.py``) into TinT's embeddings and prefix embeddings."""
+    d, P = spec.hidden_size, num_prefixes
+    chunks = spec.ffn_dim // d
+
+    def norm_prefix(name: str) -> torch.Tensor:
+        return stack_into_prefixes(torch.diag(weights[f"{name}.weight"]), weights[f"{name}.bias"], P)
+
+    model.embed_tokens.weight.copy_(weights["embed_tokens"])
+    model.embed_positions.weight.copy_(weights["embed_positions"])
+    model.final_norm_prefix.copy_(norm_prefix("final_norm"))
+    for i, block in enumerate(model.layers):
+        def w(key: str, i: int = i) -> torch.Tensor:
+            return weights[layer_key(i, key)]
+
+        for slot in NORM_SLOTS:
+            block.prefixes[slot].copy_(norm_prefix(f"layers.{i}.{slot}"))
+        for slot in LINEAR_SLOTS:
+            block.prefixes[slot].copy_(stack_into_prefixes(w(f"{slot}.weight"), w(f"{slot}.bias"), P))
+        fc1 = w("fc1.weight").unflatten(0, (chunks, d))                              # (C, d, d): rows of chunk
+        block.prefixes["fc1"].copy_(stack_into_prefixes(fc1, w("fc1.bias").unflatten(0, (chunks, d)), P))
+        fc2 = w("fc2.weight").unflatten(1, (chunks, d)).transpose(0, 1)              # (C, d, d): columns of chunk
+        fc2_bias = torch.zeros(chunks, d, dtype=fc2.dtype, device=fc2.device)
+        fc2_bias[0] = w("fc2.bias")
+        block.prefixes["fc2"].copy_(stack_into_prefixes(fc2, fc2_bias, P))
+
+
+def _eval_loss(logits: torch.Tensor, labels: torch.Tensor, masks: TargetMasks) -> torch.Tensor:
+    """Mean NLL of ``labels`` at evaluation targets (labels equal to -100 are ignored)."""
+    valid = masks.eval & (labels[:, 1:] != -100)
+    nll = next_token_nll(logits, labels.clamp(min=0))
+    return (nll * valid).sum() / valid.sum().clamp(min=1)
