@@ -111,7 +111,7 @@ def test_lr_zero_returns_original_logits(family):
         for b in range(ids.shape[0]):
             real = attn[b].bool()
             reference = model(input_ids=ids[b][real][None]).logits[0]
-            assert torch.equal(result.logits_after[b][real], result.logits_before[b][real])
+            assert torch.allclose(result.logits_after[b][real], result.logits_before[b][real], rtol=0, atol=1e-12)
             assert rel(result.logits_before[b][real], reference) < 1e-12
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from .masks import TargetMasks, next_token_nll
+from .masks import TargetMasks
 
 
 @dataclass
@@ -19,7 +20,6 @@ class SimulationOutput(ModelOutput):
         logits_before / logits_after: (B, T, V) logits of the original and of the updated model.
         eval_nll_before / eval_nll_after: (B,) summed NLL over each sequence's evaluation targets.
         eval_tokens: (B,) number of evaluation targets per sequence.
-        train_loss_before: (B,) summed training loss that the step descends (before the step).
         params: updated parameters (HF names, leading batch dimension B), when requested.
     """
 
@@ -30,26 +30,31 @@ class SimulationOutput(ModelOutput):
     eval_nll_before: torch.Tensor | None = None
     eval_nll_after: torch.Tensor | None = None
     eval_tokens: torch.Tensor | None = None
-    train_loss_before: torch.Tensor | None = None
     params: dict[str, torch.Tensor] | None = None
 
 
 def summarize(logits_before: torch.Tensor, logits_after: torch.Tensor, input_ids: torch.Tensor, masks: TargetMasks,
               params: dict[str, torch.Tensor] | None) -> SimulationOutput:
     """Evaluation-part losses of both logits tensors, packed into a :class:`SimulationOutput`."""
-    nll_before = next_token_nll(logits_before, input_ids)
-    nll_after = next_token_nll(logits_after, input_ids)
-    ev = masks.eval.to(nll_before.dtype)
-    tokens = ev.sum(-1)
+    b, t = masks.eval.nonzero(as_tuple=True)  # only evaluation targets are scored (the full softmax is costly)
+    targets = input_ids[b, t + 1]
+    batch = input_ids.shape[0]
+
+    def per_sequence(logits: torch.Tensor) -> torch.Tensor:
+        nll = F.cross_entropy(logits[b, t].float() if logits.dtype in (torch.float16, torch.bfloat16)
+                              else logits[b, t], targets, reduction="none")
+        return torch.zeros(batch, dtype=nll.dtype, device=nll.device).index_add_(0, b, nll)
+
+    tokens = masks.eval.sum(-1)
+    eval_before, eval_after = per_sequence(logits_before), per_sequence(logits_after)
     total = tokens.sum()
     return SimulationOutput(
-        loss_before=(nll_before * ev).sum() / total,
-        loss_after=(nll_after * ev).sum() / total,
+        loss_before=eval_before.sum() / total,
+        loss_after=eval_after.sum() / total,
         logits_before=logits_before,
         logits_after=logits_after,
-        eval_nll_before=(nll_before * ev).sum(-1),
-        eval_nll_after=(nll_after * ev).sum(-1),
-        eval_tokens=tokens.long(),
-        train_loss_before=(nll_before * masks.train.to(nll_before.dtype)).sum(-1),
+        eval_nll_before=eval_before,
+        eval_nll_after=eval_after,
+        eval_tokens=tokens,
         params=params,
     )

@@ -32,7 +32,7 @@ from transformers.activations import ACT2FN
 
 from ..models.tint.auxiliary import AuxiliarySpec, layer_key, read_auxiliary, to_hf_parameters
 from .exact import _eval_mode, _validate_step_args
-from .masks import TargetMasks, build_target_masks, next_token_nll
+from .masks import TargetMasks, build_target_masks
 from .outputs import SimulationOutput, summarize
 
 
@@ -100,8 +100,9 @@ class _RowMaskedLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, row_mask = ctx.saved_tensors
         grad_x = grad @ weight
-        masked = grad * row_mask
-        grad_w = masked.transpose(-1, -2) @ x          # (B, out, in)
+        rows = row_mask.squeeze(-1).any(0)              # tokens that train in some sequence: skip the others
+        masked = grad[:, rows] * row_mask[:, rows]
+        grad_w = masked.transpose(-1, -2) @ x[:, rows]  # (B, out, in)
         grad_b = masked.sum(-2)                          # (B, out)
         if weight.dim() == 2:                            # shared weight: sum over the batch
             grad_w, grad_b = grad_w.sum(0), grad_b.sum(0)
@@ -133,6 +134,7 @@ class _Simulator:
         causal = torch.ones(T, T, dtype=torch.bool, device=self.row_mask.device).tril()
         keys = masks.attention_mask[:, None, None, :]
         self.allowed = (causal & keys) | torch.eye(T, dtype=torch.bool, device=causal.device)  # (B, 1, T, T)
+        self.has_holes = approx.train_token_mask and bool((masks.attention_mask & ~masks.train_tokens).any())
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.spec.layer_norm_eps)
@@ -166,20 +168,19 @@ class _Simulator:
             return t.view(B, T, h, dh).transpose(1, 2)
 
         q, k, v = (heads(self.linear(u, w, name)) for name in "qkv")
-        scores = (q @ k.transpose(-1, -2)) * self.spec.attention_scale
-        scores = scores.masked_fill(~self.allowed, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(-1)                                            # (B, h, T, T)
-        if not self.approx.stop_attention_grad:
-            out = probs @ v
+        if self.approx.stop_attention_grad:
+            q, k = q.detach(), k.detach()  # gradient reaches v only, through A^T (the value path)
+        if not (self.approx.stop_attention_grad and self.has_holes and v.requires_grad):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, scale=self.spec.attention_scale)
         else:
-            probs = probs.detach()
+            # Query rows outside the training part pass gradient only to their own value (TinT's mask M); this
+            # differs from the plain value path only when the training part has holes (it is not a prefix).
+            scores = (q @ k.transpose(-1, -2)) * self.spec.attention_scale
+            probs = scores.masked_fill(~self.allowed, torch.finfo(scores.dtype).min).softmax(-1)  # (B, h, T, T)
             out = probs @ v
-            if self.approx.train_token_mask and v.requires_grad:
-                # Query rows outside the training part pass gradient only to their own value (TinT's mask M).
-                diag = probs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)       # (B, h, T, 1)
-                own_only = out.detach() + diag * (v - v.detach())
-                in_train = self.masks.train_tokens[:, None, :, None]
-                out = torch.where(in_train, out, own_only)
+            diag = probs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)                                # (B, h, T, 1)
+            own_only = out.detach() + diag * (v - v.detach())
+            out = torch.where(self.masks.train_tokens[:, None, :, None], out, own_only)
         out = out.transpose(1, 2).reshape(B, T, d)
         return self.linear(out, w, "o")
 
@@ -193,25 +194,33 @@ class _Simulator:
         positions = _gather_rows(weights["embed_positions"], self.masks.position_ids + self.spec.position_offset)
         return tokens + positions
 
-    def head(self, hidden: torch.Tensor, weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final LN output y (B, T, d) and logits (B, T, V)."""
-        y = self.layer_norm(hidden, weights, "final_norm")
-        lm_head = output_embedding(self.spec, weights)
-        return y, torch.matmul(y, lm_head.transpose(-1, -2))
+    def head(self, hidden: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final-LN output y (B, T, d)."""
+        return self.layer_norm(hidden, weights, "final_norm")
 
-    def training_loss(self, y: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor,
-                      lm_head: torch.Tensor) -> torch.Tensor:
-        """Summed loss over training targets whose gradient w.r.t. y is TinT's injected loss gradient."""
-        mask = self.masks.train.to(y.dtype)
+    def logits(self, y: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, d) -> (B, T, V)."""
+        return torch.matmul(y, output_embedding(self.spec, weights).transpose(-1, -2))
+
+    def training_loss(self, y: torch.Tensor, input_ids: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+        """Summed loss over training targets whose gradient w.r.t. y is TinT's injected loss gradient.
+
+        Only the N positions with a training target enter the graph: y_n (N, d), U the LM head ((V, d) or per
+        sequence (B, V, d)), target rows U[x_{t+1}].
+        """
+        b, t = self.masks.train.nonzero(as_tuple=True)
+        y_n, target = y[b, t], input_ids[b, t + 1]
+        head = lm_head if lm_head.dim() == 2 else lm_head[b]                          # (V, d) or (N, V, d)
         if self.approx.loss_gradient == "ce":
-            return (next_token_nll(logits, input_ids) * mask).sum()
-        targets = _gather_rows(lm_head, input_ids[:, 1:])                  # U_target (B, T-1, d)
-        y = y[:, :-1]
-        if self.approx.loss_gradient == "quad":                          # grad = U^T (U y) - U_target
-            surrogate = 0.5 * logits[:, :-1].pow(2).sum(-1) - (targets * y).sum(-1)
-        else:                                                             # grad = mean_v U_v - U_target
-            surrogate = ((lm_head.mean(-2, keepdim=True) - targets) * y).sum(-1)
-        return (surrogate * mask).sum()
+            logits = y_n @ head.T if head.dim() == 2 else (head @ y_n.unsqueeze(-1)).squeeze(-1)
+            return F.cross_entropy(logits, target, reduction="sum")
+        target_rows = _gather_rows(lm_head, input_ids[:, 1:])[b, t]                   # U_target (N, d)
+        if self.approx.loss_gradient == "quad":                                      # grad = U^T (U y) - U_target
+            logits = y_n @ head.T if head.dim() == 2 else (head @ y_n.unsqueeze(-1)).squeeze(-1)
+            surrogate = 0.5 * logits.pow(2).sum(-1) - (target_rows * y_n).sum(-1)
+        else:                                                                         # grad = mean_v U_v - U_target
+            surrogate = ((head.mean(-2) - target_rows) * y_n).sum(-1)
+        return surrogate.sum()
 
 
 def output_embedding(spec: AuxiliarySpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -224,6 +233,19 @@ def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if table.dim() == 2:
         return F.embedding(index, table)
     return torch.gather(table, 1, index.unsqueeze(-1).expand(*index.shape, table.shape[-1]))
+
+
+def _gradient_span(masks: TargetMasks) -> int:
+    """Number of leading positions the training loss depends on: up to its last target token (0 if none)."""
+    positions = masks.train.any(0).nonzero()
+    return 0 if positions.numel() == 0 else int(positions.max()) + 2
+
+
+def _truncate(masks: TargetMasks, span: int) -> TargetMasks:
+    """The masks of the first ``span`` positions."""
+    return TargetMasks(train=masks.train[:, : span - 1], eval=masks.eval[:, : span - 1],
+                       train_tokens=masks.train_tokens[:, :span], attention_mask=masks.attention_mask[:, :span],
+                       position_ids=masks.position_ids[:, :span])
 
 
 def trainable_names(spec: AuxiliarySpec, approx: Approximations, n_layers: int) -> list[str]:
@@ -262,52 +284,48 @@ def tint_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     masks = build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
     spec, base = read_auxiliary(model)
     n_layers = _check_n_layers(spec, n_layers)
-    sim = _Simulator(spec, approx, masks)
     names = trainable_names(spec, approx, n_layers)
-    B = input_ids.shape[0]
-    # Per-sequence copies of the trainable weights (leading batch dim): every row gets its own step.
-    current = {n: base[n].expand(B, *base[n].shape) for n in names}
     first = spec.num_layers - n_layers
-    embeddings_trainable = not approx.freeze_embeddings
+    # The training loss only depends on the positions up to its last target (causality): gradients are computed
+    # on that leading span only; predictions use the whole sequence.
+    span = _gradient_span(masks)
+    full, grad_sim = _Simulator(spec, approx, masks), _Simulator(spec, approx, _truncate(masks, span))
 
     def layer_weights(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         prefix = f"layers.{i}."
         return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
-    def run(weights: dict[str, torch.Tensor], start: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        hidden = start if start is not None else sim.embed(weights, input_ids)
+    def run(sim: _Simulator, weights: dict[str, torch.Tensor], ids: torch.Tensor,
+            start: torch.Tensor | None) -> torch.Tensor:
+        hidden = start if start is not None else sim.embed(weights, ids)
         for i in range(first if start is not None else 0, spec.num_layers):
             hidden = sim.block(hidden, layer_weights(weights, i))
         return sim.head(hidden, weights)
 
     with _eval_mode(model), torch.no_grad():
-        # Bottom layers are never updated; their output is computed once and reused (as TinT does).
+        # Bottom layers are never updated: their output is computed once and reused (as TinT does).
         bottom = None
-        if not embeddings_trainable:
-            bottom = sim.embed(base, input_ids)
+        if approx.freeze_embeddings:
+            bottom = full.embed(base, input_ids)
             for i in range(first):
-                bottom = sim.block(bottom, layer_weights(base, i))
-    logits_before = None
-    for _ in range(n_steps):
-        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in current.items()}
+                bottom = full.block(bottom, layer_weights(base, i))
+        logits_before = full.logits(run(full, base, input_ids, bottom), base)
+    # Per-sequence weights (a leading batch dim; expanded views until the first update): one step per row.
+    current = {n: base[n].expand(input_ids.shape[0], *base[n].shape) for n in names}
+    for _ in range(n_steps if span > 1 else 0):
+        leaves = {n: t.detach().requires_grad_(True) for n, t in current.items()}
+        weights = {**base, **leaves}
         with torch.enable_grad():
-            y, logits = run({**base, **leaves}, bottom)
-            loss = sim.training_loss(y, logits, input_ids, output_embedding(spec, {**base, **leaves}))
+            y = run(grad_sim, weights, input_ids[:, :span], None if bottom is None else bottom[:, :span])
+            loss = grad_sim.training_loss(y, input_ids[:, :span], output_embedding(spec, weights))
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        if logits_before is None:
-            logits_before = logits.detach()
-        updated = {}
-        for (n, t), g in zip(current.items(), grads):
-            if g is None:
-                updated[n] = t
-                continue
-            if approx.authors_fc2_bias_bug and n.endswith("fc2.bias"):
-                g = g * (spec.ffn_dim / spec.hidden_size)
-            updated[n] = t.detach() - lr * g
-        current = updated
+        for (n, t), g in zip(list(current.items()), grads):
+            if g is not None:
+                if approx.authors_fc2_bias_bug and n.endswith("fc2.bias"):
+                    g = g * (spec.ffn_dim / spec.hidden_size)
+                current[n] = torch.add(t.detach(), g, alpha=-lr)
     with torch.no_grad():
-        _, logits_after = run({**base, **current}, bottom)
-    params = None
-    if return_params:
-        params = to_hf_parameters(model, current)
+        weights = {**base, **current}
+        logits_after = full.logits(run(full, weights, input_ids, bottom), weights)
+    params = to_hf_parameters(model, current) if return_params else None
     return summarize(logits_before, logits_after, input_ids, masks, params)
