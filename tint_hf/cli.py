@@ -1,7 +1,7 @@
 """``tint-hf`` command line.
 
 Each subcommand lives in its own module, which defines ``HELP`` (one line), ``add_arguments(parser)``
-and ``run(args) -> int``. Modules are imported lazily, so ``tint-hf --help`` stays fast.
+and ``run(args) -> int``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 
 SUBCOMMANDS: dict[str, str] = {
     "demo": "tint_hf.commands.demo",
+    "build": "tint_hf.commands.build",
 }
 
 

@@ -41,6 +41,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils.logging import tqdm
 
 from .auxiliary import AuxiliarySpec, auxiliary_spec, layer_key, read_auxiliary
 from .configuration_tint import TinTConfig
@@ -565,11 +566,12 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_auxiliary(cls, model_or_path: nn.Module | str, dtype: torch.dtype | None = None,
-                       **construction) -> TinTForCausalLM:
+                       progress: bool = False, **construction) -> TinTForCausalLM:
         """Construct TinT from an auxiliary OPT / GPT-2 model (an instance, a local folder or a Hub id).
 
         ``construction`` holds :class:`TinTConfig` fields (num_prefixes, n_simulation_layers, inner_lr, ...).
-        The prefix embeddings receive the auxiliary weights; nothing else needs values.
+        The prefix embeddings receive the auxiliary weights; nothing else needs values. ``progress`` shows a
+        progress bar over the layers.
         """
         if isinstance(model_or_path, str):
             from transformers import AutoModelForCausalLM
@@ -584,13 +586,13 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         target_dtype = dtype or weights["embed_tokens"].dtype
         model = cls(config).to(target_dtype)
         with torch.no_grad():
-            load_auxiliary_into(model.model, spec, config.num_prefixes, weights)
+            load_auxiliary_into(model.model, spec, config.num_prefixes, weights, progress)
         model.tie_weights()
         return model.eval()
 
 
 def load_auxiliary_into(model: TinTModel, spec: AuxiliarySpec, num_prefixes: int,
-                        weights: dict[str, torch.Tensor]) -> None:
+                        weights: dict[str, torch.Tensor], progress: bool = False) -> None:
     """Write canonical auxiliary weights (see ``auxiliary.py``) into TinT's embeddings and prefix embeddings."""
     d, P = spec.hidden_size, num_prefixes
     chunks = spec.ffn_dim // d
@@ -601,7 +603,7 @@ def load_auxiliary_into(model: TinTModel, spec: AuxiliarySpec, num_prefixes: int
     model.embed_tokens.weight.copy_(weights["embed_tokens"])
     model.embed_positions.weight.copy_(weights["embed_positions"])
     model.final_norm_prefix.copy_(norm_prefix("final_norm"))
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(tqdm(model.layers, desc="Constructing TinT layers", disable=not progress)):
         def w(key: str, i: int = i) -> torch.Tensor:
             return weights[layer_key(i, key)]
 
