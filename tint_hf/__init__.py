@@ -3,8 +3,9 @@
 Importing the package registers its models with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM``.
 """
 
+from .models.mesa_opt import MesaOPTConfig, MesaOPTForCausalLM, MesaOPTModel
 from .models.tint import TinTConfig, TinTForCausalLM, TinTModel
 
 __version__ = "0.1.0"
 
-__all__ = ["TinTConfig", "TinTForCausalLM", "TinTModel"]
+__all__ = ["MesaOPTConfig", "MesaOPTForCausalLM", "MesaOPTModel", "TinTConfig", "TinTForCausalLM", "TinTModel"]

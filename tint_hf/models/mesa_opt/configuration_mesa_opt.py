@@ -1,0 +1,80 @@
+"""Configuration of MesaOPT: OPT whose chosen decoder layers use the mesa-layer instead of softmax attention."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import OPTConfig
+
+from .mesa_layer import SOLVERS
+
+BACKENDS = ("torch", "fla", "auto")
+
+
+@strict
+class MesaOPTConfig(OPTConfig):
+    r"""Configuration of a :class:`MesaOPTForCausalLM`: every :class:`~transformers.OPTConfig` field, plus the mesa ones.
+
+    A mesa layer keeps OPT's ``q_proj``/``k_proj``/``v_proj``/``out_proj`` and replaces softmax attention by
+    ``o_t = S_t^T (H_t + Lambda)^{-1} q_t`` per head (see ``mesa_layer.py``) on L2-normalised queries and keys,
+    followed by a per-head RMSNorm.
+
+    Args:
+        mesa_layers: indices of the decoder layers that use the mesa-layer, or ``"all"``; the other layers keep
+            softmax attention (and a key/value cache). Normalised to a sorted list of ints.
+        mesa_solver: ``"exact"`` (Cholesky), ``"cg"`` (MesaNet's conjugate gradient), ``"cg1"`` (one CG step) or
+            ``"gd"`` (gated linear attention).
+        cg_steps: conjugate-gradient iterations of ``"cg"`` (training and inference alike).
+        chunk_size: tokens per chunk of the chunkwise-parallel form (the fla backend always uses 64).
+        lambda_init / lambda_min: the ridge diagonal is ``lambda = softplus(p) + lambda_min`` per head and key
+            channel, initialised to ``lambda_init``; ``lambda_min > 0`` bounds the condition number.
+        use_forget_gate: gamma_t = sigmoid(f_proj(x_t)) per head; otherwise gamma = 1 (no forgetting).
+        forget_gate_windows: (shortest, longest) initial memory window 1 / (1 - gamma) in tokens, log-spaced
+            over the heads (the forget-gate bias initialisation).
+        use_input_gate: beta_t = sigmoid(b_proj(x_t)) per head; otherwise beta = 1.
+        mesa_backend: ``"torch"`` (pure PyTorch, any device), ``"fla"`` (flash-linear-attention kernels, CUDA, solver
+            ``"cg"``) or ``"auto"`` (fla when importable, on CUDA and applicable, else torch).
+        layer_types: derived, one of ``"mesa"`` / ``"full_attention"`` per layer (sets up the generation cache).
+    """
+
+    model_type = "mesa_opt"
+
+    mesa_layers: list[int] | str = "all"
+    mesa_solver: str = "cg"
+    cg_steps: int = 30
+    chunk_size: int = 64
+    lambda_init: float = 1.0
+    lambda_min: float = 0.25
+    use_forget_gate: bool = True
+    forget_gate_windows: list[float] | tuple[float, float] = (16.0, 2048.0)
+    use_input_gate: bool = True
+    mesa_backend: str = "torch"
+    layer_types: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        n_layers = self.num_hidden_layers
+        if self.mesa_layers == "all":
+            self.mesa_layers = list(range(n_layers))
+        self.mesa_layers = sorted({int(i) % n_layers for i in self.mesa_layers})
+        self.forget_gate_windows = [float(w) for w in self.forget_gate_windows]
+        self.layer_types = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(n_layers)]
+        self.validate_layer_type()
+        if self.mesa_solver not in SOLVERS:
+            raise ValueError(f"mesa_solver must be one of {SOLVERS}, got {self.mesa_solver!r}.")
+        if self.mesa_backend not in BACKENDS:
+            raise ValueError(f"mesa_backend must be one of {BACKENDS}, got {self.mesa_backend!r}.")
+        if not 0 < self.lambda_min < self.lambda_init:
+            raise ValueError(f"Need 0 < lambda_min < lambda_init, got {self.lambda_min} and {self.lambda_init}.")
+        if self.cg_steps < 1 or self.chunk_size < 1:
+            raise ValueError("cg_steps and chunk_size must be positive.")
+        if len(self.forget_gate_windows) != 2 or not 1 < self.forget_gate_windows[0] <= self.forget_gate_windows[1]:
+            raise ValueError(f"forget_gate_windows must be (shortest, longest) > 1, got {self.forget_gate_windows}.")
+
+    def validate_layer_type(self):
+        """``layer_types`` is derived from ``mesa_layers``; ``"mesa"`` is the cache layer type of mesa layers."""
+        expected = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(self.num_hidden_layers)]
+        if self.layer_types != expected:
+            raise ValueError(f"layer_types {self.layer_types} disagree with mesa_layers {self.mesa_layers}.")
+
+
+__all__ = ["MesaOPTConfig"]

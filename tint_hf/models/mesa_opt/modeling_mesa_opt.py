@@ -1,0 +1,404 @@
+"""MesaOPT: OPT with mesa-layers (von Oswald et al. 2023; MesaNet 2025) in place of chosen softmax attentions.
+
+Parameter names are those of :class:`~transformers.OPTForCausalLM` (``model.decoder.layers.{i}.self_attn.q_proj``
+...), so every OPT weight is reused: :meth:`MesaOPTForCausalLM.from_opt` copies an OPT model and initialises only
+the new mesa parameters. Softmax layers are HF's own ``OPTDecoderLayer``/``OPTAttention``. A mesa layer, on the
+attention input u (B, T, hidden) of a layer with ``heads`` heads of width d:
+
+    q, k, v = q_proj(u), k_proj(u), v_proj(u)                 split into heads: (B, heads, T, d)
+    q, k    = q / |q|, k / |k|                                 (per head and token)
+    gamma   = sigmoid(f_proj(u)), beta = sigmoid(b_proj(u))    (B, heads, T); 1 when a gate is off; padding: 1, 0
+    lambda  = softplus(lambda_params) + lambda_min             (heads, d)
+    o_t     = S_t^T (H_t + diag(lambda))^{-1} q_t              (mesa_layer.py; state (H, S) in float32)
+    y       = out_proj(concat_heads(RMSNorm_head(o) * o_norm.weight))
+
+Generation uses a :class:`~transformers.DynamicCache` built from ``config.layer_types``: key/value layers for
+softmax layers and :class:`MesaStateLayer` (the fixed-size (H, S) state) for mesa layers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, OPTForCausalLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.opt.modeling_opt import OPTDecoderLayer, OPTLearnedPositionalEmbedding
+from transformers.utils import can_return_tuple
+
+from .configuration_mesa_opt import MesaOPTConfig
+from .mesa_layer import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
+
+MESA_PARAMETERS = frozenset({"lambda_params", "f_proj", "b_proj", "o_norm"})
+"""Names of the parameters a mesa layer adds to OPT's attention (everything else is loaded from OPT)."""
+
+
+class MesaStateLayer(CacheLayerMixin):
+    """Cache of one mesa layer: the fixed-size state (H, S) after the tokens seen so far, and their count.
+
+    ``update(H, S, num_new_tokens)`` *replaces* the state (key/value layers append). H is (B, heads, d, d) or None
+    (solver ``"gd"``), S is (B, heads, d, d); both float32 whatever the model dtype. The state cannot be rewound,
+    so ``crop`` (assisted decoding) is unsupported.
+    """
+
+    _layer_type = "mesa"  # registers the layer type, so that DynamicCache(config) builds it for "mesa" layers
+    supports_early_init = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.h_state: torch.Tensor | None = None
+        self.s_state: torch.Tensor | None = None
+        self.seen_tokens = 0
+
+    @property
+    def state(self) -> MesaState | None:
+        """(H, S), or None before the first token."""
+        return (self.h_state, self.s_state) if self.seen_tokens > 0 else None
+
+    def lazy_initialization(self, h_state: torch.Tensor | None, s_state: torch.Tensor) -> None:
+        self.device = s_state.device
+        self.is_initialized = True
+
+    def update(
+        self, h_state: torch.Tensor | None, s_state: torch.Tensor, num_new_tokens: int = 1, **kwargs
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(h_state, s_state)
+        self.h_state, self.s_state = h_state, s_state
+        self.seen_tokens += num_new_tokens
+        return h_state, s_state
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _map_states(self, fn) -> None:
+        if self.seen_tokens > 0:
+            self.s_state = fn(self.s_state)
+            self.h_state = None if self.h_state is None else fn(self.h_state)
+
+    def reset(self) -> None:
+        self.h_state = self.s_state = None
+        self.seen_tokens = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_states(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_states(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_states(lambda x: x[indices])
+
+    def offload(self) -> None:
+        self._map_states(lambda x: x.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._map_states(lambda x: x.to(self.device, non_blocking=True))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError("A mesa layer's state cannot be rewound (no assisted or speculative decoding).")
+
+
+class MesaHeadRMSNorm(nn.Module):
+    """RMSNorm over each head's channels with a per-head, per-channel weight: (B, heads, T, d) -> same."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_heads, head_dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * self.weight[:, None, :].to(x.dtype)
+
+
+class MesaOPTMesaAttention(nn.Module):
+    """The mesa-layer token mixer of one decoder layer, a drop-in for ``OPTAttention`` (same projections)."""
+
+    def __init__(self, config: MesaOPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        hidden, bias = config.hidden_size, config.enable_bias
+        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.f_proj = nn.Linear(hidden, self.num_heads) if config.use_forget_gate else None
+        self.b_proj = nn.Linear(hidden, self.num_heads) if config.use_input_gate else None
+        self.lambda_params = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+        self.o_norm = MesaHeadRMSNorm(self.num_heads, self.head_dim)
+
+    def _use_fla(self, q: torch.Tensor) -> bool:
+        backend = self.config.mesa_backend
+        applicable = q.is_cuda and self.config.mesa_solver == "cg" and self.head_dim <= 128
+        return backend == "fla" or (backend == "auto" and applicable and fla_available())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """hidden_states: (B, T, hidden); attention_mask: (B, T), 0 on padding, or None. Returns ((B, T, hidden), None)."""
+        bsz, length, _ = hidden_states.shape
+        heads_shape = (bsz, length, self.num_heads, self.head_dim)
+        dtype = state_dtype(hidden_states.dtype)
+        # (B, heads, T, d) in the state dtype; unit-norm queries and keys
+        q = F.normalize(self.q_proj(hidden_states).view(heads_shape).transpose(1, 2).to(dtype), dim=-1, eps=1e-6)
+        k = F.normalize(self.k_proj(hidden_states).view(heads_shape).transpose(1, 2).to(dtype), dim=-1, eps=1e-6)
+        v = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2).to(dtype)
+        # gates: (B, heads, T); padded tokens get g = 0, beta = 0 and leave the state unchanged
+        gate_shape = (bsz, self.num_heads, length)
+        g = q.new_zeros(gate_shape) if self.f_proj is None else F.logsigmoid(self.f_proj(hidden_states).to(dtype)).mT
+        beta = q.new_ones(gate_shape) if self.b_proj is None else torch.sigmoid(self.b_proj(hidden_states).to(dtype)).mT
+        if attention_mask is not None:
+            token_mask = attention_mask[:, None, :].to(dtype)
+            g, beta = g * token_mask, beta * token_mask
+        lam = F.softplus(self.lambda_params.to(dtype)) + self.config.lambda_min  # (heads, d)
+
+        state = past_key_values.layers[self.layer_idx].state if past_key_values is not None else None
+        solver, cg_steps = self.config.mesa_solver, self.config.cg_steps
+        if state is not None and length == 1:  # decoding: one recurrent step
+            o, state = mesa_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], lam, g[:, :, 0], beta[:, :, 0], state, solver, cg_steps)
+            o = o[:, :, None]
+        elif self._use_fla(q):
+            o, state = fla_chunk_mesa(q, k, v, lam, g, beta, state, cg_steps)
+        else:  # training, prefill, or several new tokens: chunkwise-parallel form from the cached state
+            o, state = chunk_mesa(q, k, v, lam, g, beta, state, solver, cg_steps, self.config.chunk_size)
+        if past_key_values is not None:
+            past_key_values.update(*state, self.layer_idx, num_new_tokens=length)
+
+        o = self.o_norm(o.to(dtype))  # (B, heads, T, d)
+        o = o.transpose(1, 2).reshape(bsz, length, -1).to(hidden_states.dtype)
+        return self.out_proj(o), None
+
+
+class MesaOPTDecoderLayer(OPTDecoderLayer):
+    """HF's OPT decoder layer (pre- or post-LN, MLP), with the mesa-layer as token mixer when ``is_mesa``."""
+
+    def __init__(self, config: MesaOPTConfig, layer_idx: int):
+        super().__init__(config, layer_idx=layer_idx)
+        self.is_mesa = layer_idx in config.mesa_layers
+        if self.is_mesa:
+            self.self_attn = MesaOPTMesaAttention(config, layer_idx)
+
+
+class MesaOPTPreTrainedModel(PreTrainedModel):
+    config_class = MesaOPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MesaOPTDecoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True  # mesa states cannot be rewound: generate refuses assisted decoding
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """OPT's normal(0, init_std) init, then the mesa parameters (runs after the module's children):
+
+        * lambda = lambda_init: lambda_params = softplus^{-1}(lambda_init - lambda_min);
+        * forget gate: zero weight, bias log(W_h - 1) so that 1 / (1 - gamma) = W_h, W_h log-spaced per head over
+          ``forget_gate_windows`` (short- to long-memory heads);
+        * input gate: zero weight and bias (beta = 1/2, which only rescales lambda);
+        * output norm weight 1.
+        """
+        super()._init_weights(module)
+        if isinstance(module, MesaOPTMesaAttention):
+            config = self.config
+            init.constant_(module.lambda_params, math.log(math.expm1(config.lambda_init - config.lambda_min)))
+            if module.f_proj is not None:
+                shortest, longest = config.forget_gate_windows
+                windows = torch.logspace(math.log10(shortest), math.log10(longest), module.num_heads)
+                init.zeros_(module.f_proj.weight)
+                init.copy_(module.f_proj.bias, torch.log(windows - 1))
+            if module.b_proj is not None:
+                init.zeros_(module.b_proj.weight)
+                init.zeros_(module.b_proj.bias)
+
+
+class MesaOPTDecoder(nn.Module):
+    """OPT's decoder (token and learned position embeddings, layers, final LayerNorm) with mesa layers."""
+
+    def __init__(self, config: MesaOPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.word_embed_proj_dim, config.pad_token_id)
+        self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
+        projected = config.word_embed_proj_dim != config.hidden_size
+        self.project_out = nn.Linear(config.hidden_size, config.word_embed_proj_dim, bias=False) if projected else None
+        self.project_in = nn.Linear(config.word_embed_proj_dim, config.hidden_size, bias=False) if projected else None
+        keep_final_norm = config.do_layer_norm_before and not config._remove_final_layer_norm
+        self.final_layer_norm = (
+            nn.LayerNorm(config.hidden_size, elementwise_affine=config.layer_norm_elementwise_affine)
+            if keep_final_norm
+            else None
+        )
+        self.layers = nn.ModuleList(MesaOPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def _generation_cache(self, past_key_values: Cache | None) -> Cache:
+        """The cache to use: the given one, or a fresh ``DynamicCache(config)`` (mesa state layers included)."""
+        if past_key_values is not None:
+            is_mesa = [isinstance(layer, MesaStateLayer) for layer in past_key_values.layers]
+            if is_mesa == [layer_type == "mesa" for layer_type in self.config.layer_types]:
+                return past_key_values
+            if past_key_values.get_seq_length() > 0:
+                raise ValueError("MesaOPT needs a cache made by DynamicCache(config=model.config) (mesa state layers).")
+        return DynamicCache(config=self.config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids (B, T) or inputs_embeds (B, T, word_embed_proj_dim); attention_mask (B, past + T), 0 on padding."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        past_key_values = self._generation_cache(past_key_values) if use_cache else None
+        batch, length = inputs_embeds.shape[:2]
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # positions count real tokens only (left padding), as in OPT
+        full_mask = attention_mask
+        if full_mask is None:
+            full_mask = torch.ones(batch, past_seen + length, device=inputs_embeds.device, dtype=torch.long)
+        if position_ids is None:
+            position_ids = (full_mask.cumsum(1) * full_mask - 1).long()[:, past_seen:]
+        token_mask = None if attention_mask is None else attention_mask[:, -length:]
+        causal_mask = None
+        if len(self.config.mesa_layers) < self.config.num_hidden_layers:
+            causal_mask = create_causal_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                past_key_values=past_key_values,
+            )
+
+        if self.project_in is not None:
+            inputs_embeds = self.project_in(inputs_embeds)
+        hidden_states = inputs_embeds + self.embed_positions(full_mask, past_seen, position_ids=position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=token_mask if layer.is_mesa else causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class MesaOPTModel(MesaOPTPreTrainedModel):
+    def __init__(self, config: MesaOPTConfig):
+        super().__init__(config)
+        self.decoder = MesaOPTDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embed_tokens = value
+
+    @can_return_tuple
+    def forward(self, *args, **kwargs) -> BaseModelOutputWithPast:
+        """Same arguments as :meth:`MesaOPTDecoder.forward`."""
+        return self.decoder(*args, **kwargs)
+
+
+class MesaOPTForCausalLM(MesaOPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+    def __init__(self, config: MesaOPTConfig):
+        super().__init__(config)
+        self.model = MesaOPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.decoder.embed_tokens = value
+
+    @classmethod
+    def from_opt(cls, opt: OPTForCausalLM | str | os.PathLike, **mesa_kwargs) -> MesaOPTForCausalLM:
+        """A MesaOPT with every weight of an OPT model (instance or local directory) and fresh mesa parameters.
+
+        ``mesa_kwargs`` are :class:`MesaOPTConfig` fields (``mesa_layers=[...]``, ``mesa_solver``, ...). Raises if any
+        OPT weight is not used or any non-mesa parameter is left unloaded. The result is in eval mode, in OPT's dtype.
+        """
+        if not isinstance(opt, OPTForCausalLM):
+            opt = OPTForCausalLM.from_pretrained(opt, dtype=torch.float32)
+        drop = {"model_type", "architectures", "transformers_version", "auto_map"}
+        opt_fields = {key: value for key, value in opt.config.to_dict().items() if key not in drop}
+        config = MesaOPTConfig(**{**opt_fields, **mesa_kwargs})
+        model = cls(config).to(device=opt.device, dtype=opt.dtype)
+        missing, unexpected = model.load_state_dict(opt.state_dict(), strict=False)
+        not_mesa = [key for key in missing if not MESA_PARAMETERS.intersection(key.split("."))]
+        if unexpected or not_mesa:
+            raise ValueError(f"OPT weights did not map onto MesaOPT: unexpected {unexpected}, missing {not_mesa}.")
+        model.generation_config = opt.generation_config
+        return model.eval()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Next-token logits (B, T, vocab) and, with ``labels`` (B, T; -100 ignored), the shifted cross-entropy."""
+        outputs = self.model.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            position_ids=position_ids,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+__all__ = ["MesaOPTForCausalLM", "MesaOPTModel", "MesaOPTPreTrainedModel", "MesaStateLayer"]
