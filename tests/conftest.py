@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from tint_hf.assets import load_gpt2_tokenizer
 
@@ -36,13 +36,29 @@ def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) ->
     return model
 
 
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama (RMSNorm, SwiGLU with d_ff=80 not a multiple of d, RoPE, 4 heads / 2 KV heads), vocab 64."""
+    kwargs = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1000.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(dtype).eval()
+    _randomize_norms(model, seed)
+    return model
+
+
 def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
-    """Give LayerNorm gamma/beta non-trivial values, so that tests see their effect (default init is 1/0)."""
+    """Give norm gains (and biases) non-trivial values, so that tests see their effect (default init is 1/0)."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
+            if "norm" not in type(module).__name__.lower():
+                continue
+            module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
+            if getattr(module, "bias", None) is not None:
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
 
 
@@ -54,6 +70,11 @@ def opt_model() -> OPTForCausalLM:
 @pytest.fixture
 def gpt2_model() -> GPT2LMHeadModel:
     return tiny_gpt2()
+
+
+@pytest.fixture
+def llama_model() -> LlamaForCausalLM:
+    return tiny_llama()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_opt
+from conftest import tiny_gpt2, tiny_llama, tiny_opt
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, OPTConfig, OPTForCausalLM
 
 from tint_hf import TinTConfig, TinTForCausalLM
@@ -18,7 +18,11 @@ from tint_hf.models.tint.auxiliary import UnsupportedAuxiliaryModelError
 from tint_hf.models.tint.modeling_tint import prefix_bias, prefix_weight
 from tint_hf.simulate import Approximations, default_position_ids, exact_step, tint_step
 
-BUILDERS = {"opt": tiny_opt, "gpt2": tiny_gpt2}
+BUILDERS = {"opt": tiny_opt, "gpt2": tiny_gpt2, "llama": tiny_llama}
+FAMILIES = list(BUILDERS)
+# HF's LlamaRMSNorm normalises in float32 even in a float64 model: the Llama first pass can only match HF's
+# logits to float32 precision. TinT is compared with tint_step in float64 for every family.
+HF_TOL = {"opt": 1e-12, "gpt2": 1e-12, "llama": 1e-6}
 LR = 2e-2
 
 
@@ -50,14 +54,14 @@ def simulate(aux, tint: TinTForCausalLM, ids, attn, train, loss_mask=None):
                      approximations=Approximations(**config.approximation_kwargs()))
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_first_pass_equals_hf_model(family):
     aux, tint = build(family)
     ids, attn, train = batch()
     out = tint(ids, attn, train, return_logits_before=True)
     reference = aux(input_ids=ids, attention_mask=attn, position_ids=default_position_ids(attn)).logits
     real = attn.bool()
-    assert rel(out.logits_before[real], reference[real]) < 1e-6
+    assert rel(out.logits_before[real], reference[real]) < HF_TOL[family]
     assert rel(out.logits[real], out.logits_before[real]) > 1e-4  # the internal step changed the prediction
 
 
@@ -75,7 +79,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_internal_step_equals_reference_tint_step(family, case):
     aux, tint = build(family, **case)
@@ -152,6 +156,22 @@ def test_prefixes_hold_the_auxiliary_weights():
     assert torch.equal(prefix_bias(block.prefixes["v"], d), v_proj.bias)
     fc2 = aux.model.decoder.layers[1].fc2.weight
     assert torch.equal(prefix_weight(block.prefixes["fc2"][1], d), fc2[:, d:2 * d])
+
+
+def test_llama_padding_of_grouped_kv_and_mlp_is_exact():
+    """GQA K/V (d_kv < d) and d_ff not a multiple of d are zero-padded; the padding stays zero after the step."""
+    aux, tint = build("llama", backward="exact")
+    ids, attn, train = batch(seed=10)
+    out = tint(ids, attn, train)
+    sim = simulate(aux, tint, ids, attn, train)
+    real = attn.bool()
+    assert rel(out.logits[real], sim.logits_after[real]) < 1e-12
+    d, kv = aux.config.hidden_size, aux.config.num_key_value_heads * aux.config.hidden_size // 4
+    block = tint.model.layers[0]
+    assert torch.equal(prefix_weight(block.prefixes["k"], d)[kv:], torch.zeros(d - kv, d, dtype=torch.float64))
+    assert not hasattr(tint.model, "embed_positions")  # rotary positions: no position table
+    with pytest.raises(ValueError, match="OPT and GPT-2 only"):
+        tint.num_parameters(dense_equivalent=True)
 
 
 def test_shape_rules_and_unsupported_models_fail_clearly():

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..models.tint.auxiliary import AuxiliarySpec, layer_key, read_auxiliary, to_hf_parameters
+from ..models.tint.auxiliary import (
+    AuxiliarySpec,
+    apply_rotary,
+    layer_key,
+    read_auxiliary,
+    rotary_cos_sin,
+    to_hf_parameters,
+)
 from .exact import _eval_mode, _validate_step_args
 from .masks import TargetMasks, build_target_masks
 from .outputs import SimulationOutput, summarize
@@ -88,12 +95,12 @@ class _FiniteDifferenceBackward(torch.autograd.Function):
 
 
 class _RowMaskedLinear(torch.autograd.Function):
-    """y = x W^T + b whose weight/bias gradients sum only over rows with ``row_mask`` (TinT's descent)."""
+    """y = x W^T (+ b) whose weight/bias gradients sum only over rows with ``row_mask`` (TinT's descent)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, row_mask: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_mask: torch.Tensor):
         ctx.save_for_backward(x, weight, row_mask)
-        ctx.bias_shape = bias.shape
+        ctx.bias_shape = None if bias is None else bias.shape
         return _linear(x, weight, bias)
 
     @staticmethod
@@ -106,12 +113,13 @@ class _RowMaskedLinear(torch.autograd.Function):
         grad_b = masked.sum(-2)                          # (B, out)
         if weight.dim() == 2:                            # shared weight: sum over the batch
             grad_w, grad_b = grad_w.sum(0), grad_b.sum(0)
-        return grad_x, grad_w, grad_b.reshape(ctx.bias_shape), None
+        return grad_x, grad_w, None if ctx.bias_shape is None else grad_b.reshape(ctx.bias_shape), None
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (B, T, in) @ weight^T + bias, with weight (out, in) or per-sequence (B, out, in), bias (out) or (B, out)."""
-    return torch.matmul(x, weight.transpose(-1, -2)) + (bias if bias.dim() == 1 else bias.unsqueeze(-2))
+    y = torch.matmul(x, weight.transpose(-1, -2))
+    return y if bias is None else y + (bias if bias.dim() == 1 else bias.unsqueeze(-2))
 
 
 def _per_row(t: torch.Tensor, spec_dim: int) -> torch.Tensor:
@@ -137,7 +145,9 @@ class _Simulator:
         self.has_holes = approx.train_token_mask and bool((masks.attention_mask & ~masks.train_tokens).any())
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.spec.layer_norm_eps)
+        if self.spec.norm == "rmsnorm":
+            return F.rms_norm(x, x.shape[-1:], eps=self.spec.norm_eps)
+        return F.layer_norm(x, x.shape[-1:], eps=self.spec.norm_eps)
 
     def _through(self, fn, x: torch.Tensor) -> torch.Tensor:
         if self.approx.backward == "fd" and x.requires_grad:
@@ -145,17 +155,18 @@ class _Simulator:
         return fn(x)
 
     def linear(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        weight, bias = w[f"{name}.weight"], w[f"{name}.bias"]
-        if self.approx.train_token_mask and (weight.requires_grad or bias.requires_grad):
+        weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
+        if self.approx.train_token_mask and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             return _RowMaskedLinear.apply(x, weight, bias, self.row_mask.to(x.dtype))
         return _linear(x, weight, bias)
 
-    def layer_norm(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        gamma, beta = _per_row(w[f"{name}.weight"], 1), _per_row(w[f"{name}.bias"], 1)
+    def norm(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """LayerNorm or RMSNorm; gamma (and beta) gradients read only training-part rows (TinT's descent)."""
         x_hat = self._through(self._normalize, x)
+        affine = [_per_row(w[f"{name}.{kind}"], 1) for kind in self.spec.parameter_kinds(name.split(".")[-1])]
+        gamma, beta = affine[0], (affine[1] if len(affine) > 1 else torch.zeros_like(affine[0]))
         if self.approx.train_token_mask and (gamma.requires_grad or beta.requires_grad):
-            # Same value; gamma/beta gradients read only training-part rows (TinT's LN descent).
-            m = self.row_mask.to(x.dtype)
+            m = self.row_mask.to(x.dtype)  # same value as x_hat * gamma + beta
             return x_hat * gamma.detach() + beta.detach() + m * (x_hat.detach() * (gamma - gamma.detach())
                                                                  + (beta - beta.detach()))
         return x_hat * gamma + beta
@@ -164,10 +175,14 @@ class _Simulator:
         B, T, d = u.shape
         h, dh = self.spec.num_heads, self.spec.head_dim
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, h, T, dh)
-            return t.view(B, T, h, dh).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, T, n * dh) -> (B, h, T, dh), k/v groups repeated
+            t = t.view(B, T, -1, dh).transpose(1, 2)
+            return t.repeat_interleave(h // t.shape[1], dim=1)
 
         q, k, v = (heads(self.linear(u, w, name)) for name in "qkv")
+        if not self.spec.learned_positions:
+            cos, sin = rotary_cos_sin(self.spec, self.masks.position_ids, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.approx.stop_attention_grad:
             q, k = q.detach(), k.detach()  # gradient reaches v only, through A^T (the value path)
         if not (self.approx.stop_attention_grad and self.has_holes and v.requires_grad):
@@ -185,18 +200,23 @@ class _Simulator:
         return self.linear(out, w, "o")
 
     def block(self, hidden: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = hidden + self.attention(self.layer_norm(hidden, w, "ln1"), w)
-        z = self.linear(self.layer_norm(hidden, w, "ln2"), w, "fc1")
-        return hidden + self.linear(self._through(self.act, z), w, "fc2")
+        hidden = hidden + self.attention(self.norm(hidden, w, "ln1"), w)
+        x = self.norm(hidden, w, "ln2")
+        if self.spec.gated_mlp:
+            a = self._through(self.act, self.linear(x, w, "gate")) * self.linear(x, w, "fc1")
+        else:
+            a = self._through(self.act, self.linear(x, w, "fc1"))
+        return hidden + self.linear(a, w, "fc2")
 
     def embed(self, weights: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
         tokens = _gather_rows(weights["embed_tokens"], input_ids)
-        positions = _gather_rows(weights["embed_positions"], self.masks.position_ids + self.spec.position_offset)
-        return tokens + positions
+        if not self.spec.learned_positions:
+            return tokens
+        return tokens + _gather_rows(weights["embed_positions"], self.masks.position_ids + self.spec.position_offset)
 
     def head(self, hidden: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final-LN output y (B, T, d)."""
-        return self.layer_norm(hidden, weights, "final_norm")
+        return self.norm(hidden, weights, "final_norm")
 
     def logits(self, y: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T, d) -> (B, T, V)."""
@@ -252,14 +272,18 @@ def trainable_names(spec: AuxiliarySpec, approx: Approximations, n_layers: int) 
     """Canonical names of the weights TinT updates (see :mod:`tint_hf.models.tint.auxiliary`)."""
     names = []
     for i in range(spec.num_layers - n_layers, spec.num_layers):
-        for key in ("ln1", "q", "k", "v", "o", "ln2", "fc1", "fc2"):
-            if approx.freeze_qk and key in ("q", "k"):
+        for module in spec.layer_modules():
+            if approx.freeze_qk and module in ("q", "k"):
                 continue
-            kinds = ("bias",) if approx.ln_bias_only and key.startswith("ln") else ("weight", "bias")
-            names += [layer_key(i, f"{key}.{kind}") for kind in kinds]
-    names += ["final_norm.bias"] if approx.ln_bias_only else ["final_norm.weight", "final_norm.bias"]
+            kinds = spec.parameter_kinds(module)
+            if approx.ln_bias_only and module.startswith("ln"):
+                kinds = tuple(k for k in kinds if k == "bias")
+            names += [layer_key(i, f"{module}.{kind}") for kind in kinds]
+    final = spec.parameter_kinds("ln")
+    names += [f"final_norm.{kind}" for kind in final if not (approx.ln_bias_only and kind == "weight")]
     if not approx.freeze_embeddings:
-        names += ["embed_tokens", "embed_positions"] + ([] if spec.tied_embeddings else ["lm_head"])
+        names += ["embed_tokens"] + (["embed_positions"] if spec.learned_positions else [])
+        names += [] if spec.tied_embeddings else ["lm_head"]
     return names
 
 

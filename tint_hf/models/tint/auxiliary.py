@@ -1,24 +1,32 @@
 """Canonical view of a supported auxiliary (simulated) language model.
 
-TinT and the reference simulator both work on one family-independent description of a pre-LayerNorm decoder:
+TinT and the reference simulator both work on one family-independent description of a pre-norm decoder:
 
-    h_0   = E[x_t] + P[pos_t + offset]                                  (token + learned position embedding)
+    h_0   = E[x_t] (+ P[pos_t + offset] for learned positions)
     per layer i:
-      u   = LN1(h)                 q, k, v = u W_q^T + b_q, u W_k^T + b_k, u W_v^T + b_v
-      h   = h + Attn(q, k, v) W_o^T + b_o                                (causal softmax attention, `num_heads` heads)
-      z   = LN2(h) W_1^T + b_1     h = h + act(z) W_2^T + b_2
-    logits = LN_f(h) U^T                                                 (U = lm_head weight, usually tied to E)
+      u   = N1(h)                  q, k, v = u W_q^T (+ b_q), u W_k^T (+ b_k), u W_v^T (+ b_v)
+      h   = h + Attn(q, k, v) W_o^T (+ b_o)          causal softmax attention; rotary q/k for RoPE families;
+                                                    k/v may have fewer heads than q (grouped-query attention)
+      plain MLP:  h = h + act(N2(h) W_1^T + b_1) W_2^T + b_2
+      gated MLP:  x = N2(h);  h = h + (act(x W_g^T) * (x W_1^T)) W_2^T                (SwiGLU)
+    logits = N_f(h) U^T                              (U = lm_head weight, usually tied to E)
 
-Weights are kept in a flat ``dict[str, Tensor]`` with the names below (all linear weights in ``nn.Linear``
-layout ``(out, in)``); a per-sequence copy of a weight simply carries a leading batch dimension.
+N is LayerNorm (``gamma * (x - mean) / std + beta``) or RMSNorm (``gamma * x / rms``, no beta).
 
-    embed_tokens (V, d)   embed_positions (T_max + offset, d)   final_norm.weight / .bias (d)
-    lm_head (V, d)        (absent when tied to embed_tokens: ``spec.tied_embeddings``)
-    layers.{i}.{ln1, ln2}.{weight, bias} (d)      layers.{i}.{q, k, v, o}.{weight (d, d), bias (d)}
-    layers.{i}.fc1.{weight (d_ff, d), bias (d_ff)} layers.{i}.fc2.{weight (d, d_ff), bias (d)}
+Weights are kept in a flat ``dict[str, Tensor]`` with the names below (linear weights in ``nn.Linear`` layout
+``(out, in)``); a per-sequence copy of a weight simply carries a leading batch dimension. Biases exist only where
+the family has them (``spec.has_bias``; LayerNorm betas only for LayerNorm).
 
-Supported families: OPT (pre-LN, ``word_embed_proj_dim == hidden_size``) and GPT-2. This module imports only
-torch and transformers, so it can ship as remote code next to ``modeling_tint.py``.
+    embed_tokens (V, d)   embed_positions (T_max + offset, d), learned positions only   final_norm.{weight, bias}
+    lm_head (V, d), absent when tied to embed_tokens (``spec.tied_embeddings``)
+    layers.{i}.{ln1, ln2}.{weight, bias} (d)    layers.{i}.{q, o}.{weight (d, d), bias (d)}
+    layers.{i}.{k, v}.{weight (d_kv, d), bias (d_kv)}  with d_kv = kv_heads * head_dim
+    layers.{i}.fc1.{weight (d_ff, d), bias}     layers.{i}.gate.weight (d_ff, d), gated MLPs only
+    layers.{i}.fc2.{weight (d, d_ff), bias (d)}
+
+Supported families: OPT (pre-LN, ``word_embed_proj_dim == hidden_size``), GPT-2, and Llama (RMSNorm, SwiGLU,
+RoPE, GQA; e.g. SmolLM2). This module imports only torch and transformers, so it ships as remote code next to
+``modeling_tint.py``.
 """
 
 from __future__ import annotations
@@ -28,12 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-LAYER_KEYS: tuple[str, ...] = tuple(
-    f"{module}.{kind}"
-    for module in ("ln1", "q", "k", "v", "o", "ln2", "fc1", "fc2")
-    for kind in ("weight", "bias")
-)
-SUPPORTED_FAMILIES = ("opt", "gpt2")
+SUPPORTED_FAMILIES = ("opt", "gpt2", "llama")
 
 
 class UnsupportedAuxiliaryModelError(ValueError):
@@ -48,18 +51,42 @@ class AuxiliarySpec:
     num_layers: int
     hidden_size: int
     num_heads: int
+    num_kv_heads: int
     ffn_dim: int
     vocab_size: int
     max_positions: int
-    position_offset: int
     activation: str
-    layer_norm_eps: float
+    norm: str                      # "layernorm" | "rmsnorm"
+    norm_eps: float
     attention_scale: float
     tied_embeddings: bool
+    has_bias: bool                 # linear layers have biases
+    gated_mlp: bool                # SwiGLU-style MLP with a gate projection
+    position_offset: int = 0       # learned positions: index offset of the table (OPT: 2)
+    rope_inv_freq: tuple[float, ...] | None = None   # rotary positions: inverse frequencies (head_dim / 2)
+    rope_scaling: float = 1.0
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.rope_inv_freq is None
+
+    def layer_modules(self) -> tuple[str, ...]:
+        """Canonical module names of one layer, in forward order."""
+        return ("ln1", "q", "k", "v", "o", "ln2") + (("gate",) if self.gated_mlp else ()) + ("fc1", "fc2")
+
+    def parameter_kinds(self, module: str) -> tuple[str, ...]:
+        """Which of weight / bias the canonical module has."""
+        if module.startswith("ln"):
+            return ("weight", "bias") if self.norm == "layernorm" else ("weight",)
+        return ("weight", "bias") if self.has_bias and module != "gate" else ("weight",)
 
 
 def layer_key(layer: int, key: str) -> str:
@@ -70,8 +97,25 @@ def _require(condition: bool, family: str, problem: str, fix: str) -> None:
     if not condition:
         raise UnsupportedAuxiliaryModelError(
             f"Unsupported {family} auxiliary model: {problem}. {fix} "
-            f"TinT and tint_step support these families: {', '.join(SUPPORTED_FAMILIES)} (pre-LayerNorm)."
+            f"TinT and tint_step support these families: {', '.join(SUPPORTED_FAMILIES)} (pre-norm decoders)."
         )
+
+
+def _rope(config) -> tuple[tuple[float, ...], float]:
+    """Inverse frequencies and output scaling of a static rotary embedding, computed as transformers does."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
+    rope_type = params.get("rope_type", "default")
+    _require(rope_type in ("default", "linear", "llama3", "yarn"), "llama", f"rope_type={rope_type!r} depends on "
+             "the sequence length", "Use a static RoPE (default, linear, llama3 or yarn).")
+    if rope_type == "default":
+        dim = config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return tuple(inv_freq.tolist()), float(scaling)
 
 
 def auxiliary_spec(config) -> AuxiliarySpec:
@@ -87,13 +131,13 @@ def auxiliary_spec(config) -> AuxiliarySpec:
                  "Use a standard OPT checkpoint.")
         _require(getattr(config, "enable_bias", True) and getattr(config, "layer_norm_elementwise_affine", True),
                  "opt", "it has no linear biases or no LayerNorm affine parameters", "Use a standard OPT checkpoint.")
-        head_dim = config.hidden_size // config.num_attention_heads
         return AuxiliarySpec(
             family="opt", num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads, ffn_dim=config.ffn_dim, vocab_size=config.vocab_size,
-            max_positions=config.max_position_embeddings, position_offset=2,
-            activation=config.activation_function, layer_norm_eps=1e-5, attention_scale=head_dim**-0.5,
-            tied_embeddings=config.tie_word_embeddings,
+            num_heads=config.num_attention_heads, num_kv_heads=config.num_attention_heads, ffn_dim=config.ffn_dim,
+            vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
+            activation=config.activation_function, norm="layernorm", norm_eps=1e-5,
+            attention_scale=(config.hidden_size // config.num_attention_heads) ** -0.5,
+            tied_embeddings=config.tie_word_embeddings, has_bias=True, gated_mlp=False, position_offset=2,
         )
     if family == "gpt2":
         _require(not config.add_cross_attention, "gpt2", "it has cross-attention", "Use a decoder-only GPT-2.")
@@ -102,61 +146,92 @@ def auxiliary_spec(config) -> AuxiliarySpec:
         head_dim = config.n_embd // config.n_head
         return AuxiliarySpec(
             family="gpt2", num_layers=config.n_layer, hidden_size=config.n_embd, num_heads=config.n_head,
-            ffn_dim=config.n_inner or 4 * config.n_embd, vocab_size=config.vocab_size,
-            max_positions=config.n_positions, position_offset=0, activation=config.activation_function,
-            layer_norm_eps=config.layer_norm_epsilon,
-            attention_scale=head_dim**-0.5 if config.scale_attn_weights else 1.0,
-            tied_embeddings=config.tie_word_embeddings,
+            num_kv_heads=config.n_head, ffn_dim=config.n_inner or 4 * config.n_embd, vocab_size=config.vocab_size,
+            max_positions=config.n_positions, activation=config.activation_function, norm="layernorm",
+            norm_eps=config.layer_norm_epsilon, attention_scale=head_dim**-0.5 if config.scale_attn_weights else 1.0,
+            tied_embeddings=config.tie_word_embeddings, has_bias=True, gated_mlp=False,
+        )
+    if family == "llama":
+        head_dim = config.hidden_size // config.num_attention_heads
+        _require(config.head_dim == head_dim, "llama", f"head_dim={config.head_dim} != hidden_size / heads",
+                 "Use a Llama whose heads tile the hidden size.")
+        _require(config.attention_bias == config.mlp_bias, "llama", "attention_bias != mlp_bias",
+                 "Use a Llama with biases everywhere or nowhere.")
+        _require((config.pretraining_tp or 1) == 1, "llama", "pretraining_tp > 1", "Set pretraining_tp=1.")
+        inv_freq, scaling = _rope(config)
+        return AuxiliarySpec(
+            family="llama", num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+            ffn_dim=config.intermediate_size, vocab_size=config.vocab_size,
+            max_positions=config.max_position_embeddings, activation=config.hidden_act, norm="rmsnorm",
+            norm_eps=config.rms_norm_eps, attention_scale=head_dim**-0.5, tied_embeddings=config.tie_word_embeddings,
+            has_bias=config.attention_bias, gated_mlp=True, rope_inv_freq=inv_freq, rope_scaling=scaling,
         )
     raise UnsupportedAuxiliaryModelError(
         f"Auxiliary model type {family!r} is not supported by TinT / tint_step. Supported families: "
-        f"{', '.join(SUPPORTED_FAMILIES)} (pre-LayerNorm). For other causal LMs use tint_hf.simulate.exact_step, "
-        "which works for any HF model."
+        f"{', '.join(SUPPORTED_FAMILIES)} (pre-norm decoders). For other causal LMs use "
+        "tint_hf.simulate.exact_step, which works for any HF model."
     )
 
 
-# (HF parameter path relative to the layer, transpose?) for every canonical layer key that maps 1:1.
-_OPT_LAYER_MAP = {
-    "ln1": "self_attn_layer_norm", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-    "o": "self_attn.out_proj", "ln2": "final_layer_norm", "fc1": "fc1", "fc2": "fc2",
+def rotary_cos_sin(spec: AuxiliarySpec, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos, sin (B, 1, T, head_dim) of the rotary embedding, computed in float32 as transformers does."""
+    inv_freq = torch.tensor(spec.rope_inv_freq, dtype=torch.float32, device=position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return ((angles.cos() * spec.rope_scaling).to(dtype).unsqueeze(1),
+            (angles.sin() * spec.rope_scaling).to(dtype).unsqueeze(1))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim / 2) of x (B, heads, T, head_dim) by the position angle."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+# Canonical layer module -> (HF path relative to the layer, stored transposed as a GPT-2 Conv1D?).
+_LAYER_PATHS = {
+    "opt": {"ln1": "self_attn_layer_norm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+            "v": "self_attn.v_proj", "o": "self_attn.out_proj", "ln2": "final_layer_norm", "fc1": "fc1",
+            "fc2": "fc2"},
+    "gpt2": {"ln1": "ln_1", "o": "attn.c_proj", "ln2": "ln_2", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"},
+    "llama": {"ln1": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+              "o": "self_attn.o_proj", "ln2": "post_attention_layernorm", "gate": "mlp.gate_proj",
+              "fc1": "mlp.up_proj", "fc2": "mlp.down_proj"},
 }
-_GPT2_LAYER_MAP = {"ln1": "ln_1", "o": "attn.c_proj", "ln2": "ln_2", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
+# Top-level canonical name -> HF parameter path relative to the backbone.
+_TOP_PATHS = {
+    "opt": {"embed_tokens": "embed_tokens.weight", "embed_positions": "embed_positions.weight",
+            "final_norm.weight": "final_layer_norm.weight", "final_norm.bias": "final_layer_norm.bias"},
+    "gpt2": {"embed_tokens": "wte.weight", "embed_positions": "wpe.weight", "final_norm.weight": "ln_f.weight",
+             "final_norm.bias": "ln_f.bias"},
+    "llama": {"embed_tokens": "embed_tokens.weight", "final_norm.weight": "norm.weight"},
+}
+_BACKBONE = {"opt": ("model.decoder", "layers"), "gpt2": ("transformer", "h"), "llama": ("model", "layers")}
 
 
-def _backbone(model: nn.Module, family: str) -> tuple[nn.Module, str]:
-    """The module holding embeddings and layers, and its parameter-name prefix."""
-    if family == "opt":
-        return model.model.decoder, "model.decoder"
-    return model.transformer, "transformer"
+def _is_conv1d(family: str, module: str) -> bool:
+    return family == "gpt2" and not module.startswith("ln")
 
 
 def read_auxiliary(model: nn.Module) -> tuple[AuxiliarySpec, dict[str, torch.Tensor]]:
     """Canonical weights of ``model`` (detached views, no copies) and its :class:`AuxiliarySpec`."""
     spec = auxiliary_spec(model.config)
-    body, _ = _backbone(model, spec.family)
-    d = spec.hidden_size
-    if spec.family == "opt":
-        weights = {"embed_tokens": body.embed_tokens.weight, "embed_positions": body.embed_positions.weight,
-                   "final_norm.weight": body.final_layer_norm.weight, "final_norm.bias": body.final_layer_norm.bias}
-        layers = body.layers
-    else:
-        weights = {"embed_tokens": body.wte.weight, "embed_positions": body.wpe.weight,
-                   "final_norm.weight": body.ln_f.weight, "final_norm.bias": body.ln_f.bias}
-        layers = body.h
+    body_path, layers_name = _BACKBONE[spec.family]
+    body = model.get_submodule(body_path)
+    own = dict(model.named_parameters(remove_duplicate=False))
+    weights = {name: own[f"{body_path}.{path}"] for name, path in _TOP_PATHS[spec.family].items()}
     if not spec.tied_embeddings:
         weights["lm_head"] = model.get_output_embeddings().weight
-    for i, layer in enumerate(layers):
-        if spec.family == "opt":
-            for name, path in _OPT_LAYER_MAP.items():
-                module = layer.get_submodule(path)
-                weights[layer_key(i, f"{name}.weight")] = module.weight
-                weights[layer_key(i, f"{name}.bias")] = module.bias
-        else:
-            for name, path in _GPT2_LAYER_MAP.items():
-                module = layer.get_submodule(path)
-                is_conv1d = name not in ("ln1", "ln2")  # GPT-2 Conv1D stores (in, out)
-                weights[layer_key(i, f"{name}.weight")] = module.weight.T if is_conv1d else module.weight
-                weights[layer_key(i, f"{name}.bias")] = module.bias
+    d = spec.hidden_size
+    for i, layer in enumerate(body.get_submodule(layers_name)):
+        for module, path in _LAYER_PATHS[spec.family].items():
+            sub = layer.get_submodule(path)
+            for kind in spec.parameter_kinds(module):
+                tensor = getattr(sub, kind)
+                weights[layer_key(i, f"{module}.{kind}")] = tensor.T if kind == "weight" and _is_conv1d(
+                    spec.family, module) else tensor
+        if spec.family == "gpt2":  # q, k, v are column blocks of one Conv1D
             c_attn = layer.attn.c_attn
             for j, name in enumerate("qkv"):
                 weights[layer_key(i, f"{name}.weight")] = c_attn.weight[:, j * d:(j + 1) * d].T
@@ -167,43 +242,37 @@ def read_auxiliary(model: nn.Module) -> tuple[AuxiliarySpec, dict[str, torch.Ten
 def to_hf_parameters(model: nn.Module, canonical: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map canonical weights (optionally with a leading batch dim) back to ``model``'s parameter names.
 
-    Only the parameters present in ``canonical`` are returned. For GPT-2, ``c_attn`` is rebuilt from q, k and v,
-    so all three must be given together (missing ones are taken from ``model``).
+    Only the parameters present in ``canonical`` are returned. For GPT-2, ``c_attn`` is rebuilt from q, k and v
+    (missing ones are taken from ``model``).
     """
     spec = auxiliary_spec(model.config)
     d = spec.hidden_size
-    _, prefix = _backbone(model, spec.family)
-    layer_prefix = f"{prefix}.layers" if spec.family == "opt" else f"{prefix}.h"
-    top = {"embed_tokens": "embed_tokens.weight" if spec.family == "opt" else "wte.weight",
-           "embed_positions": "embed_positions.weight" if spec.family == "opt" else "wpe.weight",
-           "final_norm.weight": "final_layer_norm.weight" if spec.family == "opt" else "ln_f.weight",
-           "final_norm.bias": "final_layer_norm.bias" if spec.family == "opt" else "ln_f.bias"}
+    body_path, layers_name = _BACKBONE[spec.family]
+    top = _TOP_PATHS[spec.family]
     out: dict[str, torch.Tensor] = {}
     pending_qkv: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in canonical.items():
         if name in top:
-            out[f"{prefix}.{top[name]}"] = tensor
-            continue
-        if name == "lm_head":
+            out[f"{body_path}.{top[name]}"] = tensor
+        elif name == "lm_head":
             out["lm_head.weight"] = tensor
-            continue
-        _, idx, module, kind = name.split(".")
-        i = int(idx)
-        if spec.family == "opt":
-            out[f"{layer_prefix}.{i}.{_OPT_LAYER_MAP[module]}.{kind}"] = tensor
-        elif module in "qkv":
-            pending_qkv.setdefault(i, {})[f"{module}.{kind}"] = tensor
         else:
-            transpose = kind == "weight" and module not in ("ln1", "ln2")
-            out[f"{layer_prefix}.{i}.{_GPT2_LAYER_MAP[module]}.{kind}"] = tensor.transpose(-1, -2) if transpose else tensor
+            _, idx, module, kind = name.split(".")
+            i = int(idx)
+            if spec.family == "gpt2" and module in "qkv":
+                pending_qkv.setdefault(i, {})[f"{module}.{kind}"] = tensor
+                continue
+            transpose = kind == "weight" and _is_conv1d(spec.family, module)
+            path = f"{body_path}.{layers_name}.{i}.{_LAYER_PATHS[spec.family][module]}.{kind}"
+            out[path] = tensor.transpose(-1, -2) if transpose else tensor
     if pending_qkv:
         _, current = read_auxiliary(model)
         for i, parts in pending_qkv.items():
             full = {f"{m}.{kind}": parts.get(f"{m}.{kind}", current[layer_key(i, f"{m}.{kind}")])
                     for m in "qkv" for kind in ("weight", "bias")}
             batch_shape = torch.broadcast_shapes(*(full[f"{m}.weight"].shape[:-2] for m in "qkv"))
-            out[f"{layer_prefix}.{i}.attn.c_attn.weight"] = torch.cat(
+            out[f"{body_path}.h.{i}.attn.c_attn.weight"] = torch.cat(
                 [full[f"{m}.weight"].expand(*batch_shape, d, d).transpose(-1, -2) for m in "qkv"], dim=-1)
-            out[f"{layer_prefix}.{i}.attn.c_attn.bias"] = torch.cat(
+            out[f"{body_path}.h.{i}.attn.c_attn.bias"] = torch.cat(
                 [full[f"{m}.bias"].expand(*batch_shape, d) for m in "qkv"], dim=-1)
     return out

@@ -26,10 +26,10 @@ class TinTConfig(PreTrainedConfig):
     * ``num_attention_heads`` (TinT's softmax heads, each of width ``hidden_size / num_attention_heads``) must
       divide ``hidden_size``, be at least the auxiliary head count, and each TinT head must be wide enough for
       one auxiliary head;
-    * the auxiliary MLP width must be a multiple of ``d`` (it is simulated as ``d_ff / d`` chunks of d x d).
+    * the auxiliary MLP is simulated as ``ceil(d_ff / d)`` chunks of d x d maps (zero-padded, which is exact).
 
     Args:
-        aux_config: the auxiliary (simulated) model's config, OPT (pre-LN) or GPT-2.
+        aux_config: the auxiliary (simulated) model's config: OPT (pre-LN), GPT-2 or Llama.
         num_prefixes: P, number of prefix tokens (the linear-attention head width).
         hidden_size: D, TinT's width; ``None`` derives ``d * (d / P + 1)``.
         num_attention_heads: H, TinT's softmax-attention heads; ``None`` uses the auxiliary head count.
@@ -94,9 +94,6 @@ class TinTConfig(PreTrainedConfig):
         if not spec.tied_embeddings:
             raise ValueError("TinT needs an auxiliary model whose LM head is tied to its token embedding "
                              "(tie_word_embeddings=True): the loss-gradient module reads the embedding matrix.")
-        if spec.ffn_dim % d:
-            raise ValueError(f"The auxiliary MLP width {spec.ffn_dim} is not a multiple of d={d}; TinT simulates the "
-                             "MLP as d_ff / d chunks of d x d linear maps.")
         if self.n_simulation_layers is None:
             self.n_simulation_layers = spec.num_layers
         if not 1 <= self.n_simulation_layers <= spec.num_layers:

@@ -22,11 +22,13 @@ Modules (each a standard transformer operation; construction matrices are index 
   ``y = x W^T + b`` with exactly the FLOPs of the matrix product.
 * :class:`TinTLinearBackwardDescent`: one layer with backward heads (token rows: ``dx = W^T dy``) and descent heads
   (prefix rows attend to training-part tokens: ``dW = sum_t dy_t x_t^T``).
-* :class:`TinTLayerNorm`: normalisation over the d signal coordinates, then a linear forward with diag(gamma)
-  prefixes; its backward is TinT's finite difference ``N (f(x + g / N) - f(x))`` (or the exact VJP).
-* :class:`TinTActivation`: the auxiliary non-linearity and its finite-difference backward.
+* :class:`TinTNorm`: LayerNorm / RMSNorm as normalisation over the d signal coordinates, then a linear forward
+  with diag(gamma) prefixes; its backward is TinT's finite difference ``N (f(x + g / N) - f(x))`` (or the exact VJP).
+* :class:`TinTActivation`: the auxiliary non-linearity and its finite-difference backward (gated MLPs multiply
+  it with the up projection, elementwise).
 * :class:`TinTSoftmaxAttention`: causal softmax attention among token rows (prefix keys masked), one TinT head per
-  auxiliary head, and its value-path backward ``dv_i = sum_j A_ji M_ij do_j`` (stop-gradient on the scores).
+  auxiliary head (rotary positions rotate q and k; grouped K/V heads are shared), and its value-path backward
+  ``dv_i = sum_j A_ji M_ij do_j`` (stop-gradient on the scores).
 * :class:`TinTLossGradient`: softmax attention from each token to V vocabulary slots (keys and values = rows of
   the embedding matrix E), minus the next token's embedding: ``dy_t = E^T (softmax(E y_t) - e_{x_{t+1}})``.
 """
@@ -43,14 +45,23 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils.logging import tqdm
 
-from .auxiliary import AuxiliarySpec, auxiliary_spec, layer_key, read_auxiliary
+from .auxiliary import AuxiliarySpec, apply_rotary, auxiliary_spec, layer_key, read_auxiliary, rotary_cos_sin
 from .configuration_tint import TinTConfig
 from .dense_count import authors_dense_parameter_count
 from .sequence_masks import TargetMasks, build_target_masks, default_position_ids, next_token_nll
 
 LINEAR_SLOTS = ("q", "k", "v", "o")
 NORM_SLOTS = ("ln1", "ln2")
-MLP_SLOTS = ("fc1", "fc2")
+
+
+def mlp_slots(spec: AuxiliarySpec) -> tuple[str, ...]:
+    """Prefix slots of the MLP, each with C = ceil(d_ff / d) chunks of d x d."""
+    return (("gate",) if spec.gated_mlp else ()) + ("fc1", "fc2")
+
+
+def mlp_chunks(spec: AuxiliarySpec) -> int:
+    """C: the MLP is simulated as C chunks of d x d maps (d_ff is zero-padded up to C d, which is exact)."""
+    return -(-spec.ffn_dim // spec.hidden_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,22 +147,25 @@ class TinTLinearBackwardDescent(TinTLinearForward):
         return dx, new
 
 
-class TinTLayerNorm(nn.Module):
-    """LayerNorm as normalisation over the d signal coordinates followed by a linear forward with diag(gamma).
+class TinTNorm(nn.Module):
+    """LayerNorm / RMSNorm as normalisation over the d signal coordinates followed by a linear forward with
+    diag(gamma) prefixes (and beta in the bias slot; zero for RMSNorm).
 
     Backward: ``g_hat = W^T dy = gamma * dy`` (linear backward), then the normalisation's VJP, either by TinT's
     finite difference ``N (f(x + g_hat / N) - f(x))`` (linear -> normalise -> linear) or exactly
-    ``(g_hat - mean(g_hat) - x_hat mean(g_hat x_hat)) / sigma``. Descent: beta (and, unless bias-only,
-    the diagonal gamma) from ``-lr sum_t dy_t`` and ``-lr sum_t dy_t * x_hat_t``.
+    (LayerNorm: ``(g - mean(g) - x_hat mean(g x_hat)) / sigma``; RMSNorm: ``(g - x_hat mean(g x_hat)) / rms``).
+    Descent: beta from ``-lr sum_t dy_t`` and, unless bias-only, the diagonal gamma from ``-lr sum_t dy_t x_hat_t``.
     """
 
-    def __init__(self, d: int, num_prefixes: int, eps: float):
+    def __init__(self, spec: AuxiliarySpec, num_prefixes: int):
         super().__init__()
-        self.d, self.P, self.eps = d, num_prefixes, eps
-        self.affine = TinTLinearForward(d, num_prefixes)
-        self.affine_backward = TinTLinearBackwardDescent(d, num_prefixes)
+        self.d, self.P, self.eps, self.kind = spec.hidden_size, num_prefixes, spec.norm_eps, spec.norm
+        self.affine = TinTLinearForward(self.d, num_prefixes)
+        self.affine_backward = TinTLinearBackwardDescent(self.d, num_prefixes)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (self.d,), eps=self.eps)
         return F.layer_norm(x, (self.d,), eps=self.eps)
 
     def forward(self, x: torch.Tensor, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,17 +177,18 @@ class TinTLayerNorm(nn.Module):
                          token_lr: torch.Tensor, bias_only: bool, mode: str,
                          fd_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         g_hat, new = self.affine_backward(dy.unsqueeze(1), x_hat.unsqueeze(1), prefix.unsqueeze(1), token_lr,
-                                          update_weight=False)
+                                          update_weight=False, update_bias=self.kind == "layernorm")
         g_hat, new = g_hat.squeeze(1), new.squeeze(1)
         if not bias_only:  # gamma is a diagonal matrix: descend on its diagonal only
             gamma_delta = torch.einsum("btd,btd->bd", dy * token_lr.unsqueeze(-1).to(dy.dtype), x_hat)
             new = new - stack_into_prefixes(torch.diag_embed(gamma_delta), torch.zeros_like(gamma_delta), self.P)
         if mode == "fd":
-            dx = fd_scale * (self.normalize(x + g_hat / fd_scale) - x_hat)
-        else:
-            sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps)
-            dx = (g_hat - g_hat.mean(-1, keepdim=True) - x_hat * (g_hat * x_hat).mean(-1, keepdim=True)) / sigma
-        return dx, new
+            return fd_scale * (self.normalize(x + g_hat / fd_scale) - x_hat), new
+        projection = x_hat * (g_hat * x_hat).mean(-1, keepdim=True)
+        if self.kind == "rmsnorm":
+            return (g_hat - projection) / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps), new
+        sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps)
+        return (g_hat - g_hat.mean(-1, keepdim=True) - projection) / sigma, new
 
 
 class TinTActivation(nn.Module):
@@ -199,34 +214,46 @@ class TinTActivation(nn.Module):
 class TinTSoftmaxAttention(nn.Module):
     """Causal softmax attention among token rows; TinT head i simulates auxiliary head i.
 
-    Forward: ``o = softmax(q k^T * scale + mask) v`` per head. Backward (value path, stop-gradient on the scores):
-    the attention probabilities are recomputed from the stored q, k, transposed and masked by TinT's M:
-    ``dv_i = sum_j A_ji dout_j`` over j = i or j in the training part.
+    Forward: ``o = softmax(q k^T * scale + mask) v`` per head, with q and k rotated by the position angle for
+    rotary families and the K/V heads shared by groups of query heads (GQA). Backward (value path, stop-gradient
+    on the scores): the attention probabilities are recomputed from the stored q, k, transposed and masked by
+    TinT's M: ``dv_i = sum_j A_ji dout_j`` over j = i or j in the training part, summed over each K/V group.
+    Shapes: q (B, T, d); k, v (B, T, d) whose first d_kv coordinates are used; rotary (cos, sin) or None.
     """
 
     def __init__(self, spec: AuxiliarySpec):
         super().__init__()
-        self.h, self.dh, self.scale = spec.num_heads, spec.head_dim, spec.attention_scale
+        self.h, self.kv, self.dh, self.scale = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_scale
 
-    def heads(self, t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(-1, (self.h, self.dh)).transpose(1, 2)                        # (B, h, T, dh)
+    def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, T, >= n dh) -> (B, h, T, dh): the first n heads, each repeated for its h / n query heads."""
+        t = t[..., : n * self.dh].unflatten(-1, (n, self.dh)).transpose(1, 2)
+        return t.repeat_interleave(self.h // n, dim=1)
 
-    def probabilities(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        scores = (self.heads(q) @ self.heads(k).transpose(-1, -2)) * self.scale
-        return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)  # (B, h, T, T)
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = self.heads(q, self.h), self.heads(k, self.kv)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        out = self.probabilities(q, k, allowed) @ self.heads(v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                rotary) -> torch.Tensor:
+        q, k = self.queries_keys(q, k, rotary)
+        out = F.scaled_dot_product_attention(q, k, self.heads(v, self.kv), attn_mask=allowed, scale=self.scale)
         return out.transpose(1, 2).flatten(-2)                                          # (B, T, d)
 
     def value_backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor,
-                       train_tokens: torch.Tensor) -> torch.Tensor:
-        probs = self.probabilities(q, k, allowed)
-        T = probs.shape[-1]
-        own = torch.eye(T, dtype=torch.bool, device=probs.device)
+                       train_tokens: torch.Tensor, rotary) -> torch.Tensor:
+        """dout (B, T, d) at the attention output -> dv (B, T, d), zero beyond d_kv."""
+        q, k = self.queries_keys(q, k, rotary)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)  # (B, h, T, T)
+        own = torch.eye(probs.shape[-1], dtype=torch.bool, device=probs.device)
         probs = torch.where(train_tokens[:, None, :, None] | own, probs, 0.0)             # TinT's mask M
-        dv = probs.transpose(-1, -2) @ self.heads(dout)
-        return dv.transpose(1, 2).flatten(-2)
+        dv = probs.transpose(-1, -2) @ self.heads(dout, self.h)                         # (B, h, T, dh)
+        dv = dv.unflatten(1, (self.kv, self.h // self.kv)).sum(2)                        # sum over each group
+        dv = dv.transpose(1, 2).flatten(-2)
+        return F.pad(dv, (0, dout.shape[-1] - dv.shape[-1]))
 
 
 class TinTLossGradient(nn.Module):
@@ -258,8 +285,8 @@ class TinTLossGradient(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class BlockMemory:
-    """Activations a forward block hands to its backward block (TinT's skip edges). All (B, T, d) except
-    z and a, (B, C, T, d) for the C = d_ff / d MLP chunks."""
+    """Activations a forward block hands to its backward block (TinT's skip edges). All (B, T, d) except the
+    MLP's, (B, C, T, d) for its C chunks: z (activation input), s = act(z), up (gated MLPs only), a (fc2 input)."""
 
     ln1_x: torch.Tensor
     ln1_x_hat: torch.Tensor
@@ -271,6 +298,8 @@ class BlockMemory:
     ln2_x_hat: torch.Tensor
     x2: torch.Tensor
     z: torch.Tensor
+    s: torch.Tensor
+    up: torch.Tensor | None
     a: torch.Tensor
 
 
@@ -281,26 +310,27 @@ class StepContext:
     allowed: torch.Tensor        # (B, 1, T, T) causal attention among real tokens
     train_tokens: torch.Tensor   # (B, T) bool: token in the training part
     token_lr: torch.Tensor       # (B, T) inner lr on training-part tokens, 0 elsewhere
+    rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) (B, 1, T, head_dim) for rotary families
 
 
 class TinTForwardBlock(nn.Module):
-    """One simulated auxiliary layer: LN1 -> QKV -> softmax attention -> O (+res) -> LN2 -> MLP chunks (+res).
+    """One simulated auxiliary layer: N1 -> QKV -> softmax attention -> O (+res) -> N2 -> MLP chunks (+res).
 
     Holds this layer's prefix embeddings: ``prefixes[slot]`` of shape (P, D) for ln1, q, k, v, o, ln2 and
-    (C, P, D) for the C MLP chunks of fc1 and fc2.
+    (C, P, D) for the C MLP chunks of fc1, fc2 (and gate for gated MLPs).
     """
 
     def __init__(self, config: TinTConfig):
         super().__init__()
         spec = config.aux_config_spec
         d, P, D = spec.hidden_size, config.num_prefixes, config.hidden_size
-        chunks = spec.ffn_dim // d
+        self.gated = spec.gated_mlp
         self.prefixes = nn.ParameterDict(
             {slot: nn.Parameter(torch.zeros(P, D)) for slot in NORM_SLOTS + LINEAR_SLOTS}
-            | {slot: nn.Parameter(torch.zeros(chunks, P, D)) for slot in MLP_SLOTS}
+            | {slot: nn.Parameter(torch.zeros(mlp_chunks(spec), P, D)) for slot in mlp_slots(spec)}
         )
         self.linear = TinTLinearForward(d, P)
-        self.norm = TinTLayerNorm(d, P, spec.layer_norm_eps)
+        self.norm = TinTNorm(spec, P)
         self.attention = TinTSoftmaxAttention(spec)
         self.activation = TinTActivation(spec.activation)
 
@@ -314,22 +344,24 @@ class TinTForwardBlock(nn.Module):
         u, ln1_x_hat = self.norm(hidden, prefixes["ln1"])
         qkv = torch.stack([prefixes[s].expand_as(prefixes["v"]) for s in ("q", "k", "v")], dim=1)
         q, k, v = self.linear(u.unsqueeze(1), qkv).unbind(1)
-        attn = self.attention(q, k, v, context.allowed)
+        attn = self.attention(q, k, v, context.allowed, context.rotary)
         after_attention = hidden + self.linear(attn.unsqueeze(1), prefixes["o"].unsqueeze(1)).squeeze(1)
         x2, ln2_x_hat = self.norm(after_attention, prefixes["ln2"])
-        z = self.linear(x2.unsqueeze(1), prefixes["fc1"])                                # (B, C, T, d)
-        a = self.activation(z)
+        z = self.linear(x2.unsqueeze(1), prefixes["gate" if self.gated else "fc1"])       # (B, C, T, d)
+        s = self.activation(z)
+        up = self.linear(x2.unsqueeze(1), prefixes["fc1"]) if self.gated else None
+        a = s * up if self.gated else s
         out = after_attention + self.linear(a, prefixes["fc2"]).sum(1)
         memory = BlockMemory(ln1_x=hidden, ln1_x_hat=ln1_x_hat, u=u, q=q, k=k, attn=attn, ln2_x=after_attention,
-                             ln2_x_hat=ln2_x_hat, x2=x2, z=z, a=a)
+                             ln2_x_hat=ln2_x_hat, x2=x2, z=z, s=s, up=up, a=a)
         return out, memory
 
 
 class TinTBackwardBlock(nn.Module):
     """Backward and descent of one simulated layer (no parameters of its own: it reads and updates prefixes).
 
-    In reverse order: fc2 / activation / fc1 chunks, LN2 (+res), O, attention value path, V, LN1 (+res).
-    Q and K are never updated and get no gradient (stop-gradient on the attention scores).
+    In reverse order: fc2 / activation (x up) / fc1 (and gate) chunks, N2 (+res), O, attention value path, V,
+    N1 (+res). Q and K are never updated and get no gradient (stop-gradient on the attention scores).
     """
 
     def __init__(self, config: TinTConfig):
@@ -337,41 +369,50 @@ class TinTBackwardBlock(nn.Module):
         spec = config.aux_config_spec
         d, P = spec.hidden_size, config.num_prefixes
         self.linear = TinTLinearBackwardDescent(d, P)
-        self.norm = TinTLayerNorm(d, P, spec.layer_norm_eps)
+        self.norm = TinTNorm(spec, P)
         self.attention = TinTSoftmaxAttention(spec)
         self.activation = TinTActivation(spec.activation)
-        self.chunks = spec.ffn_dim // d
+        self.chunks, self.gated, self.has_bias = mlp_chunks(spec), spec.gated_mlp, spec.has_bias
         self.bias_only, self.mode, self.fd_scale = config.ln_bias_only, config.backward, config.fd_scale
         self.fc2_bias_bug = config.authors_fc2_bias_bug
 
     def forward(self, grad: torch.Tensor, memory: BlockMemory, prefixes: dict[str, torch.Tensor],
                 context: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """grad (B, T, d) at the block output -> (grad at the block input, updated prefixes)."""
-        lr = context.token_lr
+        lr, bias = context.token_lr, self.has_bias
         new = dict(prefixes)
         # MLP: every chunk starts from the block-output gradient. Only chunk 0 holds the fc2 bias and descends
         # on it (the authors' code lets all C chunks descend, i.e. C times the step).
-        fc2_bias = torch.ones(self.chunks, dtype=torch.bool, device=grad.device)
-        fc2_bias[1:] = self.fc2_bias_bug
+        fc2_bias = torch.zeros(self.chunks, dtype=torch.bool, device=grad.device)
+        fc2_bias[0] = bias
+        fc2_bias[1:] = bias and self.fc2_bias_bug
         grad_a, new["fc2"] = self.linear(grad.unsqueeze(1).expand(-1, self.chunks, -1, -1), memory.a,
                                          prefixes["fc2"], lr, update_bias=fc2_bias)
-        grad_z = self.activation.backward(grad_a, memory.z, memory.a, self.mode, self.fd_scale)
-        grad_x2, new["fc1"] = self.linear(grad_z, memory.x2.unsqueeze(1), prefixes["fc1"], lr)
+        if self.gated:  # a = act(z) * up
+            grad_z = self.activation.backward(grad_a * memory.up, memory.z, memory.s, self.mode, self.fd_scale)
+            grad_x2, new["fc1"] = self.linear(grad_a * memory.s, memory.x2.unsqueeze(1), prefixes["fc1"], lr,
+                                              update_bias=bias)
+            grad_gate, new["gate"] = self.linear(grad_z, memory.x2.unsqueeze(1), prefixes["gate"], lr,
+                                                 update_bias=False)
+            grad_x2 = grad_x2 + grad_gate
+        else:
+            grad_z = self.activation.backward(grad_a, memory.z, memory.s, self.mode, self.fd_scale)
+            grad_x2, new["fc1"] = self.linear(grad_z, memory.x2.unsqueeze(1), prefixes["fc1"], lr, update_bias=bias)
         grad_mid, new["ln2"] = self.norm.backward_descent(grad_x2.sum(1), memory.ln2_x, memory.ln2_x_hat,
                                                           prefixes["ln2"], lr, self.bias_only, self.mode,
                                                           self.fd_scale)
         grad = grad + grad_mid
-        # Attention: O, the value path of the softmax, V, LN1.
+        # Attention: O, the value path of the softmax, V, N1.
         grad_attn, new["o"] = self._single(grad, memory.attn, prefixes["o"], lr)
         grad_v = self.attention.value_backward(grad_attn, memory.q, memory.k, context.allowed,
-                                               context.train_tokens)
+                                               context.train_tokens, context.rotary)
         grad_u, new["v"] = self._single(grad_v, memory.u, prefixes["v"], lr)
         grad_in, new["ln1"] = self.norm.backward_descent(grad_u, memory.ln1_x, memory.ln1_x_hat, prefixes["ln1"],
                                                          lr, self.bias_only, self.mode, self.fd_scale)
         return grad + grad_in, new
 
     def _single(self, dy: torch.Tensor, x: torch.Tensor, prefix: torch.Tensor, lr: torch.Tensor):
-        dx, new = self.linear(dy.unsqueeze(1), x.unsqueeze(1), prefix.unsqueeze(1), lr)
+        dx, new = self.linear(dy.unsqueeze(1), x.unsqueeze(1), prefix.unsqueeze(1), lr, update_bias=self.has_bias)
         return dx.squeeze(1), new.squeeze(1)
 
 
@@ -413,6 +454,9 @@ class TinTPreTrainedModel(PreTrainedModel):
         if not dense_equivalent:
             return super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
         config, spec = self.config, self.config.aux_config_spec
+        if spec.family not in ("opt", "gpt2"):
+            raise ValueError(f"The authors' construction exists for OPT and GPT-2 only, not {spec.family!r}: "
+                             "there is no dense-equivalent count to report.")
         return authors_dense_parameter_count(
             aux_family=spec.family, d=spec.hidden_size, n_aux_layers=spec.num_layers, n_aux_heads=spec.num_heads,
             d_ff=spec.ffn_dim, vocab_size=spec.vocab_size, max_positions=spec.max_positions, D=config.hidden_size,
@@ -438,10 +482,11 @@ class TinTModel(TinTPreTrainedModel):
         self.spec = spec
         d, P, D = spec.hidden_size, config.num_prefixes, config.hidden_size
         self.embed_tokens = nn.Embedding(spec.vocab_size, d)
-        self.embed_positions = nn.Embedding(spec.max_positions + spec.position_offset, d)
+        if spec.learned_positions:
+            self.embed_positions = nn.Embedding(spec.max_positions + spec.position_offset, d)
         self.layers = nn.ModuleList(TinTForwardBlock(config) for _ in range(spec.num_layers))
         self.final_norm_prefix = nn.Parameter(torch.zeros(P, D))
-        self.final_norm = TinTLayerNorm(d, P, spec.layer_norm_eps)
+        self.final_norm = TinTNorm(spec, P)
         self.loss_gradient = TinTLossGradient(config.loss_gradient)
         self.backward_block = TinTBackwardBlock(config)
         self.post_init()
@@ -459,9 +504,14 @@ class TinTModel(TinTPreTrainedModel):
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
         lr = self.config.inner_lr if inner_lr is None else inner_lr
         n, L = self.config.n_simulation_layers, self.spec.num_layers
-        hidden = self.embed_tokens(input_ids) + self.embed_positions(masks.position_ids + self.spec.position_offset)
+        hidden = self.embed_tokens(input_ids)
+        rotary = None
+        if self.spec.learned_positions:
+            hidden = hidden + self.embed_positions(masks.position_ids + self.spec.position_offset)
+        else:
+            rotary = rotary_cos_sin(self.spec, masks.position_ids, hidden.dtype)
         context = StepContext(allowed=_causal_allowed(masks.attention_mask), train_tokens=masks.train_tokens,
-                              token_lr=masks.train_tokens.to(hidden.dtype) * lr)
+                              token_lr=masks.train_tokens.to(hidden.dtype) * lr, rotary=rotary)
         for layer in self.layers[: L - n]:  # never updated: run once, reused by every later pass
             hidden, _ = layer(hidden, layer.initial_prefixes(), context)
         continued = hidden
@@ -593,30 +643,46 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
 
 def load_auxiliary_into(model: TinTModel, spec: AuxiliarySpec, num_prefixes: int,
                         weights: dict[str, torch.Tensor], progress: bool = False) -> None:
-    """Write canonical auxiliary weights (see ``auxiliary.py``) into TinT's embeddings and prefix embeddings."""
-    d, P = spec.hidden_size, num_prefixes
-    chunks = spec.ffn_dim // d
+    """Write canonical auxiliary weights (see ``auxiliary.py``) into TinT's embeddings and prefix embeddings.
+
+    Every simulated map is d x d: K/V maps of grouped-query attention get zero rows below their d_kv outputs,
+    and the MLP is zero-padded to C d hidden units; padded rows stay zero under the simulated step (their
+    gradients vanish), so the padding is exact. Missing biases are zero and never updated.
+    """
+    d, P, chunks = spec.hidden_size, num_prefixes, mlp_chunks(spec)
+
+    def get(name: str, rows: int, cols: int | None = None) -> torch.Tensor:
+        """Weight or bias ``name`` zero-padded to ``rows`` (x ``cols``); zeros if the family has no such bias."""
+        ref = weights["embed_tokens"]
+        if name not in weights:
+            return torch.zeros(rows, dtype=ref.dtype, device=ref.device)
+        tensor = weights[name]
+        pad = [0, (cols or tensor.shape[-1]) - tensor.shape[-1]] if tensor.dim() == 2 else []
+        return F.pad(tensor, pad + [0, rows - tensor.shape[0]])
 
     def norm_prefix(name: str) -> torch.Tensor:
-        return stack_into_prefixes(torch.diag(weights[f"{name}.weight"]), weights[f"{name}.bias"], P)
+        return stack_into_prefixes(torch.diag(get(f"{name}.weight", d)), get(f"{name}.bias", d), P)
 
     model.embed_tokens.weight.copy_(weights["embed_tokens"])
-    model.embed_positions.weight.copy_(weights["embed_positions"])
+    if spec.learned_positions:
+        model.embed_positions.weight.copy_(weights["embed_positions"])
     model.final_norm_prefix.copy_(norm_prefix("final_norm"))
     for i, block in enumerate(tqdm(model.layers, desc="Constructing TinT layers", disable=not progress)):
-        def w(key: str, i: int = i) -> torch.Tensor:
-            return weights[layer_key(i, key)]
-
         for slot in NORM_SLOTS:
-            block.prefixes[slot].copy_(norm_prefix(f"layers.{i}.{slot}"))
+            block.prefixes[slot].copy_(norm_prefix(layer_key(i, slot)))
         for slot in LINEAR_SLOTS:
-            block.prefixes[slot].copy_(stack_into_prefixes(w(f"{slot}.weight"), w(f"{slot}.bias"), P))
-        fc1 = w("fc1.weight").unflatten(0, (chunks, d))                              # (C, d, d): rows of chunk
-        block.prefixes["fc1"].copy_(stack_into_prefixes(fc1, w("fc1.bias").unflatten(0, (chunks, d)), P))
-        fc2 = w("fc2.weight").unflatten(1, (chunks, d)).transpose(0, 1)              # (C, d, d): columns of chunk
-        fc2_bias = torch.zeros(chunks, d, dtype=fc2.dtype, device=fc2.device)
-        fc2_bias[0] = w("fc2.bias")
-        block.prefixes["fc2"].copy_(stack_into_prefixes(fc2, fc2_bias, P))
+            key = layer_key(i, slot)
+            block.prefixes[slot].copy_(stack_into_prefixes(get(f"{key}.weight", d), get(f"{key}.bias", d), P))
+        for slot in mlp_slots(spec):
+            key = layer_key(i, slot)
+            if slot == "fc2":   # (d, C d): chunk c is a block of columns; the bias lives in chunk 0
+                weight = get(f"{key}.weight", d, chunks * d).unflatten(1, (chunks, d)).transpose(0, 1)
+                bias = torch.zeros(chunks, d, dtype=weight.dtype, device=weight.device)
+                bias[0] = get(f"{key}.bias", d)
+            else:               # (C d, d): chunk c is a block of rows
+                weight = get(f"{key}.weight", chunks * d).unflatten(0, (chunks, d))
+                bias = get(f"{key}.bias", chunks * d).unflatten(0, (chunks, d))
+            block.prefixes[slot].copy_(stack_into_prefixes(weight, bias, P))
 
 
 def _eval_loss(logits: torch.Tensor, labels: torch.Tensor, masks: TargetMasks) -> torch.Tensor:
