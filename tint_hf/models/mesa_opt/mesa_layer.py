@@ -189,7 +189,7 @@ def _chunk_matvec(
     (B, heads, N, d_k, d_k) the H state before each chunk and ``lam`` (heads, d_k).
     """
     return (
-        decay[..., None] * (p @ h_chunks)
+        decay[..., None] * (p @ h_chunks.mT)
         + ((p @ k.transpose(-1, -2)) * mask) @ k
         + p * lam[None, :, None, None, :]
     )
