@@ -1,0 +1,257 @@
+"""MesaOPTForCausalLM against HF's OPTForCausalLM, against its own full forward, and through save/load/generate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_opt
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from tint_hf import MesaOPTConfig, MesaOPTForCausalLM
+from tint_hf.models.mesa_opt import MesaStateLayer
+
+MESA_PARAMETERS = {"lambda_params", "f_proj", "b_proj", "o_norm"}
+
+
+def batch_with_left_padding(seed=0, length=12, vocab=64):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :1] = 0
+    ids[mask == 0] = 1  # OPT's pad token
+    return ids, mask
+
+
+def mesa_model(opt=None, **mesa_kwargs):
+    return MesaOPTForCausalLM.from_opt(tiny_opt() if opt is None else opt, **mesa_kwargs)
+
+
+def test_no_mesa_layers_reproduces_opt():
+    opt = tiny_opt()
+    model = mesa_model(opt, mesa_layers=[])
+    ids, mask = batch_with_left_padding()
+    labels = ids.masked_fill(mask == 0, -100)
+    for attention_mask in (None, mask):
+        ref = opt(ids, attention_mask=attention_mask, labels=labels)
+        out = model(ids, attention_mask=attention_mask, labels=labels)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+
+
+def test_from_opt_reuses_every_weight():
+    opt = tiny_opt()
+    model = mesa_model(opt, mesa_layers=[0])
+    opt_state = opt.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name in opt_state:
+            assert torch.equal(tensor, opt_state[name]), name
+        else:
+            assert MESA_PARAMETERS.intersection(name.split(".")), name
+            assert name.startswith("model.decoder.layers.0."), name
+    assert set(opt_state) <= set(model.state_dict())
+    assert model.lm_head.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
+
+
+def test_mesa_parameter_initialisation():
+    model = mesa_model(mesa_layers="all", lambda_init=1.5, lambda_min=0.25, forget_gate_windows=(8, 512))
+    attn = model.model.decoder.layers[1].self_attn
+    lam = torch.nn.functional.softplus(attn.lambda_params) + 0.25
+    torch.testing.assert_close(lam, torch.full_like(lam, 1.5))
+    u = torch.randn(5, 32, dtype=torch.float64)
+    gamma = torch.sigmoid(attn.f_proj(u))
+    windows = 1 / (1 - gamma)  # the forget gate's memory length, the same for every input at init
+    expected = torch.tensor([8.0 * 64 ** (i / 3) for i in range(4)], dtype=torch.float64)
+    torch.testing.assert_close(windows, expected.expand(5, 4), rtol=1e-6, atol=0)  # initialised in float32
+    torch.testing.assert_close(torch.sigmoid(attn.b_proj(u)), torch.full((5, 4), 0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "mesa_kwargs",
+    [
+        dict(mesa_layers=[1], mesa_solver="exact"),
+        dict(mesa_layers="all", mesa_solver="cg", cg_steps=8, chunk_size=4),
+        dict(mesa_layers=[0], mesa_solver="gd", use_forget_gate=False),
+        dict(mesa_layers="all", mesa_solver="cg1", use_input_gate=False),
+    ],
+)
+def test_prefill_then_decode_equals_full_forward(mesa_kwargs):
+    model = mesa_model(**mesa_kwargs)
+    ids, mask = batch_with_left_padding()
+    full = model(ids, attention_mask=mask).logits
+    prefill = 5
+    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+    cache = out.past_key_values
+    pieces = [out.logits]
+    # one token at a time (recurrent step), then a 3-token block from the cached state (chunked form)
+    for lo, hi in [(t, t + 1) for t in range(prefill, 9)] + [(9, 12)]:
+        out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
+        pieces.append(out.logits)
+    real = mask.bool()
+    assert (torch.cat(pieces, dim=1) - full)[real].abs().max() < 1e-10
+    layer_kinds = [type(layer) for layer in cache.layers]
+    assert layer_kinds.count(MesaStateLayer) == len(model.config.mesa_layers)
+    assert cache.get_seq_length() == 12
+
+
+def test_float32_decode_matches_full_forward():
+    model = mesa_model(tiny_opt(dtype=torch.float32), mesa_layers="all", cg_steps=30)
+    ids, mask = batch_with_left_padding()
+    full = model(ids, attention_mask=mask).logits
+    out = model(ids[:, :3], attention_mask=mask[:, :3], use_cache=True)
+    pieces = [out.logits]
+    for t in range(3, 12):
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+        pieces.append(out.logits)
+    assert out.past_key_values.layers[0].s_state.dtype == torch.float32
+    assert (torch.cat(pieces, dim=1) - full)[mask.bool()].abs().max() < 1e-4
+
+
+def test_left_padded_rows_equal_unpadded_rows():
+    model = mesa_model(mesa_layers=[0], mesa_solver="exact")
+    ids, mask = batch_with_left_padding()
+    padded = model(ids, attention_mask=mask).logits
+    for row in range(ids.shape[0]):
+        real = mask[row].bool()
+        alone = model(ids[row : row + 1, real]).logits[0]
+        assert (padded[row, real] - alone).abs().max() < 1e-10
+
+
+def manual_greedy(model, ids, mask, steps):
+    """Greedy decoding by full forwards without a cache."""
+    for _ in range(steps):
+        logits = model(ids, attention_mask=mask).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("mesa_layers", [[1], "all"])
+def test_generate_with_cache_equals_without(mesa_layers):
+    model = mesa_model(mesa_layers=mesa_layers, mesa_solver="cg", cg_steps=8)
+    model.generation_config.pad_token_id = 1
+    ids, mask = batch_with_left_padding()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6)
+    greedy = model.generate(ids, do_sample=False, **kwargs)
+    assert torch.equal(greedy, model.generate(ids, do_sample=False, use_cache=False, **kwargs))
+    assert torch.equal(greedy, manual_greedy(model, ids, mask, 6))
+    beams = model.generate(ids, do_sample=False, num_beams=3, num_return_sequences=2, **kwargs)
+    assert torch.equal(beams, model.generate(ids, do_sample=False, num_beams=3, num_return_sequences=2,
+                                             use_cache=False, **kwargs))
+    sampled = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        sampled.append(model.generate(ids, do_sample=True, num_return_sequences=2, use_cache=use_cache, **kwargs))
+    assert torch.equal(*sampled)
+
+
+def test_assisted_decoding_is_refused():
+    model = mesa_model(mesa_layers="all")
+    ids, mask = batch_with_left_padding()
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, assistant_model=mesa_model())
+    cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    with pytest.raises(NotImplementedError):
+        cache.crop(-1)
+
+
+def test_user_cache_without_mesa_layers_is_replaced_when_empty():
+    model = mesa_model(mesa_layers=[0])
+    ids, _ = batch_with_left_padding()
+    out = model(ids, past_key_values=DynamicCache(), use_cache=True)
+    assert isinstance(out.past_key_values.layers[0], MesaStateLayer)
+
+
+def test_bfloat16_model_keeps_float32_state():
+    model = mesa_model(mesa_layers="all").to(torch.bfloat16)
+    ids, mask = batch_with_left_padding()
+    out = model(ids, attention_mask=mask, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16 and out.logits.isfinite().all()
+    layer = out.past_key_values.layers[0]
+    assert layer.h_state.dtype == layer.s_state.dtype == torch.float32
+
+
+def test_config_validation_and_layer_types():
+    config = MesaOPTConfig(num_hidden_layers=4, mesa_layers=[-1, 1])
+    assert config.mesa_layers == [1, 3]
+    assert config.layer_types == ["full_attention", "mesa", "full_attention", "mesa"]
+    for bad in (dict(mesa_solver="lu"), dict(lambda_min=0.0), dict(mesa_backend="triton"), dict(cg_steps=0)):
+        with pytest.raises(ValueError):
+            MesaOPTConfig(**bad)
+    assert isinstance(AutoConfig.for_model("mesa_opt"), MesaOPTConfig)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = mesa_model(mesa_layers=[1], mesa_solver="cg", cg_steps=7, chunk_size=5, use_input_gate=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if MESA_PARAMETERS.intersection(name.split(".")):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, output_loading_info=True)
+    assert isinstance(reloaded, MesaOPTForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (reloaded.config.mesa_layers, reloaded.config.cg_steps, reloaded.config.chunk_size) == ([1], 7, 5)
+    ids, mask = batch_with_left_padding()
+    torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                               rtol=0, atol=0)
+
+
+def test_remote_code_loads_without_tint_hf(tmp_path):
+    """The saved folder carries its code: a process that cannot import tint_hf loads it with trust_remote_code."""
+    model = mesa_model(mesa_layers=[0])
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mesa_opt.MesaOPTForCausalLM"
+    ids, mask = batch_with_left_padding()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        class _BlockTintHF:
+            def find_spec(self, name, path=None, target=None):
+                if name == "tint_hf" or name.startswith("tint_hf."):
+                    raise ImportError("tint_hf is blocked in this process")
+        sys.meta_path.insert(0, _BlockTintHF())
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True,
+                                                     dtype=torch.float64)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
+        print(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False).tolist())
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected.tolist()
+
+
+def test_training_step_reaches_every_mesa_parameter():
+    model = mesa_model(tiny_opt(dtype=torch.float32), mesa_layers="all").train()
+    ids, mask = batch_with_left_padding()
+    loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.isfinite().all(), name
+        if MESA_PARAMETERS.intersection(name.split(".")):
+            assert param.grad.abs().sum() > 0, name
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = mesa_model(tiny_opt(dtype=torch.float32), mesa_layers=[0]).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        ids, _ = batch_with_left_padding()
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
