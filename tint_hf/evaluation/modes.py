@@ -1,0 +1,160 @@
+"""The three evaluation modes, as "logits of a padded batch" behind one interface.
+
+Every mode gets the same :class:`Batch` (right-padded ``input_ids``, ``attention_mask``, ``train_mask``,
+``loss_mask``; all (B, T)) and returns logits (B, T, V); the scorer never knows which mode it talks to:
+
+* :class:`PlainLM` (``icl``): the model as is; the masks are ignored. Any HF causal LM. With ``params`` it runs with
+  replaced parameters (the model after the single-FT variant of dynamic evaluation).
+* :class:`DynamicSGD` (``dynamic``): per row, SGD on the summed next-token loss of the row's training part
+  (targets restricted to ``loss_mask`` for the label-only loss), then the row's logits with the updated weights.
+  ``approximations=None`` is true SGD (:func:`tint_hf.simulate.sgd_update`, any HF causal LM); an
+  :class:`~tint_hf.simulate.Approximations` uses TinT's approximate step (:func:`tint_hf.simulate.tint_step`).
+* :class:`TinTForward` (``tint``): one forward of a model whose ``forward`` takes ``train_mask`` and ``loss_mask``
+  (:class:`tint_hf.TinTForCausalLM`), which adapts internally.
+
+The training loss only depends on tokens up to the last training target (causal attention), so rows that share that
+prefix share the update. :class:`DynamicSGD` computes it once per distinct prefix and keeps the latest one: with
+demonstrations-only training every prompt of a demonstration set reuses a single update.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..simulate import Approximations, forward_with_params, sgd_update, tint_step
+
+
+@dataclass
+class Batch:
+    """Right-padded rows: ``input_ids``, ``attention_mask``, ``train_mask``, ``loss_mask``, each (B, T) long."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    train_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
+    """Right-pad (ids, train_mask, label_mask) triples into a :class:`Batch`."""
+    width = max(len(ids) for ids, _, _ in rows)
+
+    def padded(values: Sequence[int], fill: int) -> list[int]:
+        return list(values) + [fill] * (width - len(values))
+
+    return Batch(
+        input_ids=torch.tensor([padded(ids, pad_id) for ids, _, _ in rows]),
+        attention_mask=torch.tensor([padded([1] * len(ids), 0) for ids, _, _ in rows]),
+        train_mask=torch.tensor([padded(train, 0) for _, train, _ in rows]),
+        loss_mask=torch.tensor([padded(label, 0) for _, _, label in rows]),
+    )
+
+
+class PlainLM:
+    """``icl`` mode: the causal LM as is, or with the parameters in ``params`` replaced."""
+
+    name = "icl"
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor] | None = None):
+        self.model = model
+        self.params = params or {}
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return forward_with_params(self.model, self.params, batch.input_ids, batch.attention_mask)
+
+
+class DynamicSGD:
+    """``dynamic`` mode: real SGD on each row's training part (see the module docstring).
+
+    Args:
+        model: any HF causal LM (OPT / GPT-2 / Llama families with ``approximations``); never modified.
+        lr: step size on the **summed** training loss.
+        n_steps: SGD steps; n_layers: update the top n decoder layers (+ final norm), None = all.
+        label_loss: train only on ``loss_mask`` targets (the demonstrations' label words).
+        approximations: ``None`` for true SGD, else TinT's approximate step with these switches.
+    """
+
+    name = "dynamic"
+    _ORIGINAL: dict[str, torch.Tensor] = {}  # rows without training targets: the model's own parameters (read-only)
+
+    def __init__(self, model: nn.Module, lr: float, n_steps: int = 1, n_layers: int | None = None,
+                 label_loss: bool = False, approximations: Approximations | None = None):
+        self.model, self.lr, self.n_steps, self.n_layers = model, lr, n_steps, n_layers
+        self.label_loss, self.approximations = label_loss, approximations
+        self._cached: tuple[tuple, dict[str, torch.Tensor]] | None = None
+
+    def _training_prefix(self, batch: Batch, b: int) -> int:
+        """Length of row b's prefix that holds all its training targets (0 if it has none)."""
+        real = batch.attention_mask[b].bool()
+        targets = batch.train_mask[b].bool() & real
+        if self.label_loss:
+            targets &= batch.loss_mask[b].bool()
+        positions = targets[1:].nonzero()  # a target is a token t+1 >= 1 predicted from position t
+        return int(positions[-1]) + 2 if len(positions) else 0
+
+    def update(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, train_mask: torch.Tensor,
+               loss_mask: torch.Tensor | None, shared: bool = True) -> dict[str, torch.Tensor]:
+        """Updated parameters after SGD on the training targets; ``shared``: one step on the sum over rows."""
+        loss_mask = loss_mask if self.label_loss else None
+        kwargs = dict(lr=self.lr, n_steps=self.n_steps, n_layers=self.n_layers)
+        if self.approximations is None:
+            return sgd_update(self.model, input_ids, attention_mask, train_mask, loss_mask, per_sequence=not shared,
+                              **kwargs)
+        if shared and input_ids.shape[0] > 1:
+            raise ValueError("TinT's approximate step is per sequence; the single-FT variant (one shared step over "
+                             "separate demonstrations) needs approximations=None (true SGD).")
+        out = tint_step(self.model, input_ids, attention_mask, train_mask, loss_mask, approximations=self.approximations,
+                        return_params=True, **kwargs)
+        return {name: tensor[0] for name, tensor in out.params.items()}
+
+    def _row_params(self, batch: Batch, b: int) -> dict[str, torch.Tensor]:
+        n = self._training_prefix(batch, b)
+        if n == 0:
+            return self._ORIGINAL
+        key = tuple(tuple(t[b, :n].tolist()) for t in (batch.input_ids, batch.train_mask, batch.loss_mask))
+        if self._cached is None or self._cached[0] != key:
+            rows = [t[b:b + 1, :n] for t in (batch.input_ids, batch.train_mask, batch.loss_mask)]
+            self._cached = (key, self.update(rows[0], None, rows[1], rows[2]))
+        return self._cached[1]
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        groups: dict[int, tuple[dict[str, torch.Tensor], list[int]]] = {}
+        for b in range(batch.input_ids.shape[0]):
+            params = self._row_params(batch, b)
+            groups.setdefault(id(params), (params, []))[1].append(b)
+        out = None
+        for params, rows in groups.values():
+            with torch.no_grad():
+                logits = forward_with_params(self.model, params, batch.input_ids[rows], batch.attention_mask[rows])
+            if out is None:
+                out = logits.new_empty(batch.input_ids.shape + logits.shape[-1:])
+            out[rows] = logits
+        return out
+
+
+def accepts_training_masks(model: nn.Module) -> bool:
+    return "train_mask" in inspect.signature(model.forward).parameters
+
+
+class TinTForward:
+    """``tint`` mode: one forward of a model that adapts on ``train_mask`` internally (e.g. ``TinTForCausalLM``)."""
+
+    name = "tint"
+
+    def __init__(self, model: nn.Module, inner_lr: float | None = None, label_loss: bool = False):
+        if not accepts_training_masks(model):
+            raise TypeError(f"{type(model).__name__}.forward takes no `train_mask`: the tint mode needs a TinT model "
+                            f"(tint_hf.TinTForCausalLM, e.g. built with `tint-hf build`). Use icl or dynamic instead.")
+        self.model, self.inner_lr, self.label_loss = model, inner_lr, label_loss
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
+                             inner_lr=self.inner_lr)
+        return out.logits
