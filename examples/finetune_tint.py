@@ -146,7 +146,7 @@ def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArgumen
         max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, bf16=args.bf16,
         activation_checkpointing=args.activation_checkpointing, logging_steps=args.logging_steps, seed=args.seed,
         save_strategy="no", eval_strategy="no", report_to="none", ddp_find_unused_parameters=False,
-        disable_tqdm=True,
+        disable_tqdm=True, use_cpu=not torch.accelerator.is_available(),
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -155,11 +155,13 @@ def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArgumen
 def make_trainer(model: PreTrainedModel, tokenizer, data: DatasetDict, args: argparse.Namespace,
                  **training_overrides) -> Trainer:
     """A ``Trainer`` for ``model`` on ``data`` with the command-line settings (``training_overrides`` win)."""
-    if args.activation_checkpointing and not model.supports_gradient_checkpointing:
-        raise SystemExit(f"{type(model).__name__} does not support activation checkpointing yet; drop the flag.")
-    # The models ignore `num_items_in_batch` (their loss is a mean over the batch's targets): without this, Trainer
-    # would not divide the loss by the gradient-accumulation steps.
-    model.accepts_loss_kwargs = False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap a PeftModel
+    if args.activation_checkpointing and not base.supports_gradient_checkpointing:
+        raise SystemExit(f"{type(base).__name__} does not support activation checkpointing yet; drop the flag.")
+    if isinstance(base, tint_hf.TinTForCausalLM):
+        # TinT's forward takes **kwargs but ignores `num_items_in_batch` (its loss is a mean over the batch's
+        # evaluation targets); Trainer would then skip dividing the loss by the gradient-accumulation steps.
+        base.accepts_loss_kwargs = False
     return Trainer(model=model, args=training_arguments(args, **training_overrides), train_dataset=data["train"],
                    eval_dataset=data["eval"], processing_class=tokenizer)
 

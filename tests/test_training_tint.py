@@ -1,5 +1,6 @@
 """Training TinT with Trainer (examples/finetune_tint.py): optimiser steps against hand-computed autograd steps,
-gradient accumulation, LoRA through peft, bf16 autocast fidelity, activation checkpointing, the script end to end."""
+gradient accumulation, LoRA through peft, bf16 autocast fidelity, activation checkpointing, the script end to end;
+and the MesaOPT script (examples/finetune_mesa_opt.py), which shares its Trainer / peft plumbing."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from tint_hf import TinTForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import finetune_mesa_opt  # noqa: E402
 import finetune_tint  # noqa: E402
 
 VOCAB, SEQ = 64, 16
@@ -183,3 +185,23 @@ def test_example_script_trains_the_tiny_default_and_saves_a_loadable_checkpoint(
     trained = trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, trained(ids).logits)
+
+
+def test_mesa_example_trains_ia3_with_activation_checkpointing_and_the_adapter_reloads(tmp_path, capsys):
+    from peft import PeftModel
+
+    argv = ["--output-dir", str(tmp_path), "--max-steps", "3", "--block-size", "32", "--max-blocks", "8",
+            "--eval-blocks", "2", "--learning-rate", "0.05", "--peft", "ia3", "--activation-checkpointing"]
+    trainer = finetune_mesa_opt.main(argv)
+    before, after = (float(x) for x in capsys.readouterr().out.split("eval loss ")[1].split(";")[0].split(" -> "))
+    assert after < before
+    model = trainer.model.eval()
+    assert model.get_base_model().is_activation_checkpointing
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("ia3_l" in name for name in trainable)
+    assert {name.split(".")[-3] for name in trainable} == {"k_proj", "v_proj", "fc2"}
+    base, _ = finetune_mesa_opt.load_mesa_opt(finetune_mesa_opt.build_parser().parse_args(argv))
+    reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    ids = torch.tensor(trainer.eval_dataset["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
