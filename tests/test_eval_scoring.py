@@ -1,0 +1,162 @@
+"""The one scorer in every mode, against independent references: the plain HF forward, tint_hf.simulate.exact_step,
+torch.optim.SGD on a copy of the model, TinTForCausalLM, and hand-computed calibration / metric values."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+
+from tint_hf import TinTForCausalLM
+from tint_hf.evaluation import (
+    DynamicSGD,
+    Example,
+    PlainLM,
+    PromptBuilder,
+    TinTForward,
+    calibrate,
+    candidate_log_probs,
+    classification_metrics,
+    get_task,
+)
+from tint_hf.simulate import Approximations, exact_step
+
+DEMOS = [Example("a fine film .", 1), Example("so dull and long", 0), Example("great fun", 1), Example("awful", 0)]
+QUERIES = ["a warm story", "badly acted and far too long to sit through", "fun", "i loved every minute of it"]
+LR = 3e-2
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt2(vocab_size=50257, n_positions=128)
+
+
+def prompts(tokenizer, train_on_query=False, task="MR", template=0, demos=DEMOS):
+    builder = PromptBuilder(tokenizer, get_task(task).template(template), train_on_query=train_on_query)
+    return builder, [builder.example_context(demos, q) for q in QUERIES]
+
+
+def score(mode, builder, contexts, batch_size=8):
+    return candidate_log_probs(mode, contexts, builder.candidates, batch_size=batch_size, pad_id=50256,
+                               progress=False)
+
+
+def reference_log_prob(logits: torch.Tensor, start: int, candidate) -> float:
+    """sum_j log p(w_j | ...) from full-sequence logits (1, T, V), candidate tokens starting at position start + 1."""
+    log_probs = torch.log_softmax(logits[0], -1)
+    return sum(log_probs[start + j, w].item() for j, w in enumerate(candidate))
+
+
+def test_multi_token_candidates_match_the_plain_hf_model(model, gpt2_tokenizer):
+    builder, contexts = prompts(gpt2_tokenizer, task="AGNews", template=2, demos=[])
+    assert max(len(c) for c in builder.candidates) > 1  # "Science and technology" is several tokens
+    scores = score(PlainLM(model), builder, contexts, batch_size=3)
+    for n, ctx in enumerate(contexts):
+        for c, cand in enumerate(builder.candidates):
+            ids = torch.tensor([ctx.input_ids + cand])
+            expected = reference_log_prob(model(ids).logits, len(ctx.input_ids) - 1, cand)
+            assert scores[n, c].item() == pytest.approx(expected, abs=1e-10)
+
+
+@pytest.mark.parametrize("make", [lambda m: PlainLM(m), lambda m: DynamicSGD(m, LR)], ids=["icl", "dynamic"])
+def test_batching_with_padding_equals_batch_size_one(model, gpt2_tokenizer, make):
+    builder, contexts = prompts(gpt2_tokenizer, train_on_query=True)  # every prompt gets its own update
+    one = score(make(model), builder, contexts, batch_size=1)
+    padded = score(make(model), builder, contexts, batch_size=4)
+    assert len({len(c.input_ids) for c in contexts}) > 1
+    torch.testing.assert_close(padded, one, rtol=0, atol=1e-10)
+
+
+def test_dynamic_with_zero_lr_equals_icl(model, gpt2_tokenizer):
+    builder, contexts = prompts(gpt2_tokenizer, train_on_query=True)
+    icl = score(PlainLM(model), builder, contexts)
+    torch.testing.assert_close(score(DynamicSGD(model, 0.0), builder, contexts), icl, rtol=0, atol=1e-12)
+    assert (score(DynamicSGD(model, LR), builder, contexts) - icl).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("label_loss", [False, True], ids=["context-loss", "label-loss"])
+@pytest.mark.parametrize("train_on_query", [False, True], ids=["demos", "demos+query"])
+def test_dynamic_equals_exact_step_on_each_prompt(model, gpt2_tokenizer, label_loss, train_on_query):
+    builder, contexts = prompts(gpt2_tokenizer, train_on_query=train_on_query)
+    scores = score(DynamicSGD(model, LR, n_steps=2, n_layers=1, label_loss=label_loss), builder, contexts)
+    for n, ctx in enumerate(contexts):
+        ids = torch.tensor([ctx.input_ids])
+        loss_mask = torch.tensor([ctx.label_mask]) if label_loss else None
+        out = exact_step(model, ids, None, torch.tensor([ctx.train_mask]), loss_mask, lr=LR, n_steps=2, n_layers=1)
+        for c, cand in enumerate(builder.candidates):
+            expected = reference_log_prob(out.logits_after, len(ctx.input_ids) - 1, cand)
+            assert scores[n, c].item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_single_ft_variant_equals_torch_sgd_then_zero_shot(model, gpt2_tokenizer):
+    """Each demonstration its own row, one SGD step on the summed loss of all rows, then zero-shot prompts."""
+    from tint_hf.evaluation import FewShotConfig, FewShotEvaluator, ModeConfig
+
+    evaluator = FewShotEvaluator(model, gpt2_tokenizer, FewShotConfig(progress=False))
+    builder = PromptBuilder(gpt2_tokenizer, get_task("MR").template(0))
+    queries = [Example(q, 0) for q in QUERIES]
+    raw, _ = evaluator.score(ModeConfig("dynamic", lrs=(LR,), variant="single"), LR, builder, DEMOS, queries, "t")
+
+    tuned = copy.deepcopy(model)
+    trained = [p for n, p in tuned.named_parameters() if n.startswith(("transformer.h.", "transformer.ln_f."))]
+    optimizer = torch.optim.SGD(trained, lr=LR)
+    loss = 0.0
+    for demo in DEMOS:
+        ids = torch.tensor([gpt2_tokenizer.encode(builder.demonstration(demo))])
+        loss = loss + torch.nn.functional.cross_entropy(tuned(ids).logits[0, :-1], ids[0, 1:], reduction="sum")
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for n, text in enumerate(QUERIES):
+            ctx = builder.example_context([], text)
+            logits = tuned(torch.tensor([ctx.input_ids])).logits
+            for c, cand in enumerate(builder.candidates):
+                expected = reference_log_prob(logits, len(ctx.input_ids) - 1, cand)
+                assert raw[n, c].item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_tint_mode_agrees_with_dynamic_in_the_tint_approximation_setting(model, gpt2_tokenizer):
+    tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR)
+    approx = Approximations(**tint.config.approximation_kwargs())
+    for label_loss in (False, True):
+        builder, contexts = prompts(gpt2_tokenizer, train_on_query=True)
+        via_tint = score(TinTForward(tint, LR, label_loss), builder, contexts, batch_size=3)
+        simulated = score(DynamicSGD(model, LR, label_loss=label_loss, approximations=approx), builder, contexts)
+        exact = score(DynamicSGD(model, LR, label_loss=label_loss), builder, contexts)
+        icl = score(PlainLM(model), builder, contexts)
+        torch.testing.assert_close(via_tint, simulated, rtol=0, atol=1e-8)
+        change = (simulated - icl).abs().max()
+        assert change > 1e-4 and (exact - simulated).abs().max() < 0.5 * change  # TinT approximates SGD
+
+
+def test_tint_mode_rejects_a_plain_model(model):
+    with pytest.raises(TypeError, match="takes no `train_mask`"):
+        TinTForward(model)
+
+
+def test_calibration_formulas_against_hand_computed_values():
+    scores = torch.tensor([[-1.0, -2.0], [math.log(0.6), math.log(0.4)]], dtype=torch.float64)
+    torch.testing.assert_close(calibrate(scores, "none"), scores)
+    sfc = calibrate(scores, "icl_sfc", torch.tensor([-0.5, -2.5]))
+    torch.testing.assert_close(sfc, torch.tensor([[-0.5, 0.5], [math.log(0.6) + 0.5, math.log(0.4) + 2.5]],
+                                                 dtype=torch.float64))
+    # Zhao et al.: p_cf = mean of the content-free label distributions (0.8, 0.2) and (0.6, 0.4) = (0.7, 0.3).
+    reference = torch.tensor([[math.log(0.8), math.log(0.2)], [math.log(0.6) + 3.0, math.log(0.4) + 3.0]])
+    contextual = calibrate(scores, "contextual", reference)
+    p0 = [math.exp(-1) / (math.exp(-1) + math.exp(-2)), math.exp(-2) / (math.exp(-1) + math.exp(-2))]
+    expected = torch.tensor([[math.log(p0[0] / 0.7), math.log(p0[1] / 0.3)],
+                             [math.log(0.6 / 0.7), math.log(0.4 / 0.3)]], dtype=torch.float64)
+    torch.testing.assert_close(contextual, expected)
+    assert contextual.argmax(-1).tolist() == [0, 1] and scores.argmax(-1).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="Unknown calibration"):
+        calibrate(scores, "median", reference)
+
+
+def test_metrics_against_hand_computed_values():
+    metrics = classification_metrics([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], 2)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["macro_f1"] == pytest.approx((2 * 1 / 4 + 2 * 2 / 6) / 2)
+    assert metrics["predicted_counts"] == [2, 3]
