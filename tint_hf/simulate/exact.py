@@ -91,25 +91,29 @@ def forward_with_params(model: nn.Module, params: dict[str, torch.Tensor], input
 
 def _forward(model: nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
              masks: TargetMasks) -> torch.Tensor:
+    """Logits with ``params`` replacing the model's own; per-sequence params (leading B dim) run row by row."""
     own = dict(model.named_parameters())
     unknown = set(params) - set(own)
     if unknown:
         raise KeyError(f"Unknown parameter names for {type(model).__name__}: {sorted(unknown)[:5]}.")
+    frozen = {n: p.detach() for n, p in own.items() if n not in params}
     per_sequence = {n for n, t in params.items() if t.dim() == own[n].dim() + 1}
-    kwargs = {"use_cache": False}
-    rows = range(input_ids.shape[0]) if per_sequence else [slice(None)]
-    logits = []
-    for row in rows:
-        row_params = {n: (t[row] if n in per_sequence else t) for n, t in params.items()}
-        frozen = {n: p.detach() for n, p in own.items() if n not in row_params}
-        row_ids = input_ids[row:row + 1] if per_sequence else input_ids
-        sl = slice(row, row + 1) if per_sequence else row
-        kwargs["attention_mask"] = masks.attention_mask[sl].long()
-        if _accepts_position_ids(model):
-            kwargs["position_ids"] = masks.position_ids[sl]
-        out = functional_call(model, {**frozen, **row_params}, args=(row_ids,), kwargs=kwargs, tie_weights=True)
-        logits.append(out.logits)
-    return torch.cat(logits, dim=0)
+    if not per_sequence:
+        return _call(model, {**frozen, **params}, input_ids, masks.attention_mask, masks.position_ids)
+    rows = []
+    for b in range(input_ids.shape[0]):
+        row_params = {n: (t[b] if n in per_sequence else t) for n, t in params.items()}
+        rows.append(_call(model, {**frozen, **row_params}, input_ids[b:b + 1], masks.attention_mask[b:b + 1],
+                          masks.position_ids[b:b + 1]))
+    return torch.cat(rows, dim=0)
+
+
+def _call(model: nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          position_ids: torch.Tensor) -> torch.Tensor:
+    kwargs = {"attention_mask": attention_mask.long(), "use_cache": False}
+    if _accepts_position_ids(model):
+        kwargs["position_ids"] = position_ids
+    return functional_call(model, params, args=(input_ids,), kwargs=kwargs, tie_weights=True).logits
 
 
 def _resolve_params(model: nn.Module, params: Sequence[str] | None, n_layers: int | None) -> list[str]:
