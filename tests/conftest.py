@@ -9,45 +9,39 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from tint_hf.assets import load_gpt2_tokenizer
 
 
+def _build(model_class, config_class, defaults: dict, seed: int, dtype: torch.dtype, overrides: dict):
+    """A randomly initialised model in eval mode with randomised norm parameters."""
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**defaults, **overrides})).to(dtype).eval()
+    _randomize_norms(model, seed)
+    return model
+
+
 def tiny_opt(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> OPTForCausalLM:
     """A 2-layer pre-LN OPT with d=32, 4 heads, ReLU, vocab 64."""
-    kwargs = dict(
+    defaults = dict(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
         max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True,
         pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0,
     )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = OPTForCausalLM(OPTConfig(**kwargs)).to(dtype).eval()
-    _randomize_norms(model, seed)
-    return model
+    return _build(OPTForCausalLM, OPTConfig, defaults, seed, dtype, overrides)
 
 
 def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> GPT2LMHeadModel:
     """A 2-layer GPT-2 with d=32, 4 heads, gelu_new, vocab 64."""
-    kwargs = dict(
-        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**kwargs)).to(dtype).eval()
-    _randomize_norms(model, seed)
-    return model
+    defaults = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _build(GPT2LMHeadModel, GPT2Config, defaults, seed, dtype, overrides)
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> LlamaForCausalLM:
     """A 2-layer Llama (RMSNorm, SwiGLU with d_ff=80 not a multiple of d, RoPE, 4 heads / 2 KV heads), vocab 64."""
-    kwargs = dict(
+    defaults = dict(
         vocab_size=64, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1000.0,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(dtype).eval()
-    _randomize_norms(model, seed)
-    return model
+    return _build(LlamaForCausalLM, LlamaConfig, defaults, seed, dtype, overrides)
 
 
 def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
