@@ -13,6 +13,9 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "demo": "tint_hf.commands.demo",
     "build": "tint_hf.commands.build",
+    "eval": "tint_hf.commands.eval",
+    "ppl": "tint_hf.commands.ppl",
+    "prepare-data": "tint_hf.commands.prepare_data",
 }
 
 
