@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "demo": "tint_hf.commands.demo",
     "build": "tint_hf.commands.build",
+    "push": "tint_hf.commands.push",
     "eval": "tint_hf.commands.eval",
     "ppl": "tint_hf.commands.ppl",
     "prepare-data": "tint_hf.commands.prepare_data",

@@ -1,0 +1,290 @@
+"""Model cards for the published checkpoints, rendered from ``huggingface_hub.ModelCardData``.
+
+One :class:`CardSpec` per checkpoint (``CARDS``) holds the metadata and the facts the card states; sizes are counted
+on a meta-device model built from the base model's shapes, and the fidelity rows are quoted from ``bench/RESULTS.md``
+("TinT fidelity", ``bench/tint_fidelity.py``), which ``tests/test_cards_and_push.py`` checks. Render the committed
+cards with::
+
+    python -m tint_hf.cards model_cards
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from transformers import GPT2Config, OPTConfig
+
+from .models.mesa_opt import MesaOPTConfig, MesaOPTForCausalLM
+from .models.tint import TinTConfig, TinTForCausalLM
+
+HUB_NAMESPACE = "tint-hf"
+PAPER = "https://arxiv.org/abs/2307.01189"
+CODE = "https://github.com/abhishekpanigrahi1996/transformer_in_transformer"
+OPT_LICENSE = dict(license="other", license_name="opt-model-license",
+                   license_link="https://github.com/facebookresearch/metaseq/blob/main/projects/OPT/MODEL_LICENSE.md")
+OPT_125M_SHAPES = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                            ffn_dim=3072, max_position_embeddings=2048, word_embed_proj_dim=768)
+GPT2_SHAPES = GPT2Config(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+
+
+@dataclass(frozen=True)
+class FidelityRow:
+    """One row of the "TinT fidelity" table of bench/RESULTS.md (relative L2 errors, quoted as printed there)."""
+
+    dtype: str
+    backward: str
+    first_pass_vs_hf: str
+    delta_vs_tint_step: str
+    delta_vs_exact_sgd: str
+
+
+@dataclass(frozen=True)
+class CardSpec:
+    """What one model card says. ``construction`` holds the keyword arguments the checkpoint was built with
+    (``TinTForCausalLM.from_auxiliary`` or ``MesaOPTForCausalLM.from_opt``)."""
+
+    name: str
+    model_type: str
+    base_model: str
+    base_shapes: OPTConfig | GPT2Config
+    license: dict[str, str]
+    summary: str
+    construction: dict = field(default_factory=dict)
+    extra_tags: tuple[str, ...] = ()
+    fidelity_family: str | None = None
+    fidelity: tuple[FidelityRow, ...] = ()
+    verified_by: tuple[str, ...] = ()
+
+    @property
+    def repo_id(self) -> str:
+        return f"{HUB_NAMESPACE}/{self.name}"
+
+
+OPT_FIDELITY = (
+    FidelityRow("float64", "exact", "1.01e-15", "1.17e-15", "3.12e-03"),
+    FidelityRow("float64", "fd", "1.01e-15", "2.14e-12", "4.41e-03"),
+    FidelityRow("float32", "exact", "4.67e-07", "5.22e-07", "3.12e-03"),
+    FidelityRow("float32", "fd", "4.67e-07", "1.21e-03", "4.51e-03"),
+)
+GPT2_FIDELITY = (
+    FidelityRow("float64", "exact", "9.88e-16", "1.14e-15", "4.97e-03"),
+    FidelityRow("float64", "fd", "9.88e-16", "8.41e-13", "4.95e-03"),
+    FidelityRow("float32", "exact", "4.22e-07", "4.81e-07", "4.97e-03"),
+    FidelityRow("float32", "fd", "4.22e-07", "3.77e-04", "5.01e-03"),
+)
+MESA_TESTS = ("test_no_mesa_layers_reproduces_opt", "test_from_opt_reuses_every_weight", "test_cg_with_d_steps_is_exact",
+              "test_chunked_equals_recurrent", "test_prefill_then_decode_equals_full_forward",
+              "test_left_padded_rows_equal_unpadded_rows", "test_remote_code_loads_without_tint_hf")
+
+CARDS: dict[str, CardSpec] = {
+    spec.name: spec
+    for spec in (
+        CardSpec(
+            name="tint-opt-125m", model_type="tint", base_model="facebook/opt-125m", base_shapes=OPT_125M_SHAPES,
+            license=OPT_LICENSE, extra_tags=("opt",), fidelity_family="opt", fidelity=OPT_FIDELITY,
+            construction=dict(num_prefixes=256, inner_lr=1e-6, backward="fd"),
+            summary="TinT constructed from OPT-125M: one forward pass runs OPT-125M, takes a simulated SGD step on the "
+                    "first part of the sequence and predicts the rest with the updated weights."),
+        CardSpec(
+            name="tint-gpt2", model_type="tint", base_model="openai-community/gpt2", base_shapes=GPT2_SHAPES,
+            license=dict(license="mit"), extra_tags=("gpt2",), fidelity_family="gpt2", fidelity=GPT2_FIDELITY,
+            construction=dict(num_prefixes=256, inner_lr=1e-6, backward="fd"),
+            summary="TinT constructed from GPT-2 (124M): one forward pass runs GPT-2, takes a simulated SGD step on the "
+                    "first part of the sequence and predicts the rest with the updated weights."),
+        CardSpec(
+            name="mesa-opt-125m", model_type="mesa_opt", base_model="facebook/opt-125m", base_shapes=OPT_125M_SHAPES,
+            license=OPT_LICENSE, extra_tags=("opt", "mesa-layer", "linear-attention"),
+            construction=dict(mesa_layers="all", mesa_solver="cg", cg_steps=30),
+            verified_by=MESA_TESTS,
+            summary="OPT-125M with every softmax attention replaced by a mesa-layer (a regularised least-squares solve "
+                    "over past keys and values), initialised from OPT-125M's weights."),
+    )
+}
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}
+
+{{ summary }}
+
+Made with `tint_hf`, a HuggingFace Transformers plugin for research on in-context learning as internal
+optimisation. {% if kind == "tint" %}TinT is the "Trainable Transformer in Transformer" of Panigrahi, Malladi, Xia
+and Arora ([paper]({{ paper }}), [authors' code]({{ code }})).{% else %}The mesa-layer follows von Oswald et al.,
+"Uncovering mesa-optimization algorithms in Transformers" (2023), and MesaNet (2025).{% endif %}
+
+## How to load
+
+The architecture is not part of `transformers`; load it with remote code (the modelling files are in this
+repository) or install the plugin, which registers it with the Auto classes:
+
+```python
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}", trust_remote_code=True, dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}", trust_remote_code=True)  # reads config.json
+text = "Paris is the capital of France. Rome is the capital of Italy. Madrid is the capital of Spain."
+{% if kind == "tint" %}ids = tokenizer(text, return_tensors="pt").input_ids
+train_mask = torch.zeros_like(ids); train_mask[:, : ids.shape[1] // 2] = 1   # the part the inner step trains on
+out = model(ids, train_mask=train_mask, labels=ids, return_logits_before=True)
+out.loss, out.loss_before   # evaluation-part NLL after / before the simulated SGD step
+{% else %}ids = tokenizer(text, return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=20)   # the mesa-layers keep a constant-size state per head
+{% endif %}```
+
+or install the `tint_hf` package and `import tint_hf` before `from_pretrained` (then no `trust_remote_code`).
+{% if kind == "tint" %}Keep the weights in float32: the finite-difference backward (`backward="fd"`) computes
+`N (f(x + g / N) - f(x))` with N = {{ fd_scale }}, which falls below bfloat16 resolution if the *weights* are
+bfloat16 (bfloat16 autocast over float32 weights is fine). Load with `backward="exact"` for bfloat16 weights.
+{% endif %}
+## How it was built
+
+{% if kind == "tint" %}```bash
+{{ build_command }}
+tint-hf push tint-build --card {{ name }} --repo-id {{ repo_id }}   # adds this card, uploads
+```
+
+The construction copies {{ base_model }}'s weights into TinT's prefix embeddings; nothing was trained.
+{% else %}```python
+from transformers import AutoTokenizer
+from tint_hf import MesaOPTForCausalLM
+
+tokenizer = AutoTokenizer.from_pretrained("{{ base_model }}")
+model = MesaOPTForCausalLM.from_opt("{{ base_model }}", {{ construction_args }})
+model.save_pretrained("mesa-build"); tokenizer.save_pretrained("mesa-build")
+```
+```bash
+tint-hf push mesa-build --card {{ name }} --repo-id {{ repo_id }}   # adds this card, uploads
+```
+
+Every OPT weight is reused; the mesa parameters (ridge lambda, forget and input gates, output norm) start from
+their initialisation, so this checkpoint is a starting point for fine-tuning (e.g. `examples/finetune_mesa_opt.py`
+in the `tint_hf` repository), not a trained language model.
+{% endif %}
+| setting | value |
+|---|---|
+{% for key, value in details %}| {{ key }} | {{ value }} |
+{% endfor %}
+## Measured fidelity
+
+{% if kind == "tint" %}From `bench/tint_fidelity.py` (`bench/RESULTS.md` in the `tint_hf` repository), on random
+{{ fidelity_family }}-family auxiliary models of width 128 (4 layers, 4 heads, vocabulary 512), T=64, half of each
+sequence as training part, all layers simulated, P=32, inner lr 1e-2. Relative L2 errors; "delta" is the change
+of the logits caused by the internal step; "exact SGD" is exact SGD on the parameters TinT updates. These were
+not measured on {{ base_model }} itself, whose construction follows the same code path.
+
+| dtype | LayerNorm/activation backward | first pass vs HF | delta vs reference step (`tint_step`) | delta vs exact SGD |
+|---|---|---|---|---|
+{% for row in fidelity %}| {{ row.dtype }} | {{ row.backward }} | {{ row.first_pass_vs_hf }} | {{ row.delta_vs_tint_step }} | {{ row.delta_vs_exact_sgd }} |
+{% endfor %}
+TinT's forward pass *is* the approximate step it claims (to rounding; the finite difference costs about three
+digits in float32), and that step moves the logits 0.3-0.5 % away from exact SGD on the same parameters.
+{% else %}Checked by the `tint_hf` test suite on small random OPT models: {% for test in verified_by %}`{{ test }}`{{ ", " if not loop.last else "." }}{% endfor %}
+A MesaOPT without mesa-layers reproduces OPT exactly; CG with as many steps as the head width equals the exact
+solve; the chunkwise training form equals the token-by-token recurrence, so cached generation equals the full
+forward pass. No language-modelling quality is claimed for this untrained conversion.
+{% endif %}
+## Citation
+
+{% if kind == "tint" %}```bibtex
+@inproceedings{panigrahi2024tint,
+  title     = {Trainable Transformer in Transformer},
+  author    = {Panigrahi, Abhishek and Malladi, Sadhika and Xia, Mengzhou and Arora, Sanjeev},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2024}
+}
+```{% else %}```bibtex
+@article{vonoswald2023mesa,
+  title   = {Uncovering mesa-optimization algorithms in Transformers},
+  author  = {von Oswald, Johannes and others},
+  journal = {arXiv preprint arXiv:2309.05858},
+  year    = {2023}
+}
+```{% endif %}
+"""
+
+
+def card_data(spec: CardSpec) -> ModelCardData:
+    """The card's YAML metadata."""
+    kind_tags = ("tint", "in-context-learning", "dynamic-evaluation") if spec.model_type == "tint" else ()
+    return ModelCardData(
+        model_name=spec.name, base_model=spec.base_model, library_name="transformers", pipeline_tag="text-generation",
+        language=["en"], tags=["custom_code", *kind_tags, *spec.extra_tags], **spec.license,
+    )
+
+
+def build_command(spec: CardSpec) -> str:
+    """The ``tint-hf build`` command line that constructs a TinT checkpoint."""
+    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in spec.construction.items())
+    return f"tint-hf build --aux {spec.base_model} --out tint-build {flags}"
+
+
+def details(spec: CardSpec) -> list[tuple[str, str]]:
+    """Architecture settings and sizes, read off a meta-device model with the base model's shapes."""
+    with torch.device("meta"):
+        if spec.model_type == TinTConfig.model_type:
+            model = TinTForCausalLM(TinTConfig(aux_config=spec.base_shapes.to_dict(), **spec.construction))
+        else:
+            fields = {k: v for k, v in spec.base_shapes.to_dict().items()
+                      if k not in ("model_type", "transformers_version")}
+            model = MesaOPTForCausalLM(MesaOPTConfig(**fields, **spec.construction))
+    config, stored = model.config, model.num_parameters()
+    rows = [("base model", spec.base_model), ("model_type", f"`{config.model_type}`"),
+            ("parameters stored", f"{stored:,} ({stored * 4 / 1e9:.2f} GB in float32)")]
+    if spec.model_type == TinTConfig.model_type:
+        rows += [
+            ("prefix embeddings P / TinT width D / heads", f"{config.num_prefixes} / {config.hidden_size} / "
+                                                          f"{config.num_attention_heads}"),
+            ("simulated layers / SGD steps", f"{config.n_simulation_layers} of {config.num_hidden_layers} / "
+                                             f"{config.n_steps}"),
+            ("inner learning rate (summed loss)", f"{config.inner_lr:g}"),
+            ("LayerNorm / activation backward", f"`{config.backward}` (N = {config.fd_scale:g})"),
+            ("the authors' dense construction would store", _dense_count(model)),
+        ]
+    else:
+        rows += [("mesa-layers", ", ".join(map(str, config.mesa_layers))),
+                 ("solver / CG steps", f"`{config.mesa_solver}` / {config.cg_steps}")]
+    return rows
+
+
+def _dense_count(model: TinTForCausalLM) -> str:
+    try:
+        return f"{model.num_parameters(dense_equivalent=True):,}"
+    except ValueError as err:  # shapes the authors' constructor rejects
+        return f"not defined ({err})"
+
+
+def render_card(name: str, repo_id: str | None = None) -> ModelCard:
+    """The card of ``CARDS[name]``; ``repo_id`` (default ``tint-hf/<name>``) goes into the loading example."""
+    spec = CARDS[name]
+    kind = "tint" if spec.model_type == TinTConfig.model_type else "mesa"
+    construction_args = ", ".join(f"{key}={value!r}" for key, value in spec.construction.items())
+    return ModelCard.from_template(
+        card_data(spec), template_str=TEMPLATE, name=spec.name, summary=spec.summary, kind=kind,
+        repo_id=repo_id or spec.repo_id, base_model=spec.base_model, paper=PAPER, code=CODE,
+        fd_scale=f"{TinTConfig.fd_scale:g}",
+        build_command=build_command(spec), construction_args=construction_args, details=details(spec),
+        fidelity_family=spec.fidelity_family, fidelity=spec.fidelity, verified_by=spec.verified_by,
+    )
+
+
+def write_cards(folder: Path) -> list[Path]:
+    """Render every card into ``folder/<name>.md``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in CARDS:
+        path = folder / f"{name}.md"
+        path.write_text(str(render_card(name)) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for written in write_cards(Path(sys.argv[1] if len(sys.argv) > 1 else "model_cards")):
+        print(written)
