@@ -270,14 +270,17 @@ class TinTLossGradient(nn.Module):
 
     def forward(self, y: torch.Tensor, embedding: torch.Tensor, input_ids: torch.Tensor,
                 targets: torch.Tensor) -> torch.Tensor:
+        b, t = targets.nonzero(as_tuple=True)          # only positions with a training target carry a gradient
+        y_n = y[b, t]                                   # (N, d)
         if self.mode == "ce":
-            predicted = (y @ embedding.T).softmax(-1) @ embedding
+            predicted = (y_n @ embedding.T).softmax(-1) @ embedding
         elif self.mode == "quad":
-            predicted = (y @ embedding.T) @ embedding
+            predicted = (y_n @ embedding.T) @ embedding
         else:
-            predicted = embedding.mean(0).expand_as(y)
-        grad = predicted[:, :-1] - F.embedding(input_ids[:, 1:], embedding)
-        return F.pad(grad * targets.unsqueeze(-1).to(grad.dtype), (0, 0, 0, 1))
+            predicted = embedding.mean(0).expand_as(y_n)
+        grad = torch.zeros_like(y)
+        grad[b, t] = predicted - F.embedding(input_ids[b, t + 1], embedding)
+        return grad
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -617,7 +620,7 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
     @classmethod
     def from_auxiliary(cls, model_or_path: nn.Module | str, dtype: torch.dtype | None = None,
                        progress: bool = False, **construction) -> TinTForCausalLM:
-        """Construct TinT from an auxiliary OPT / GPT-2 model (an instance, a local folder or a Hub id).
+        """Construct TinT from an auxiliary OPT / GPT-2 / Llama model (an instance, a local folder or a Hub id).
 
         ``construction`` holds :class:`TinTConfig` fields (num_prefixes, n_simulation_layers, inner_lr, ...).
         The prefix embeddings receive the auxiliary weights; nothing else needs values. ``progress`` shows a
