@@ -22,6 +22,7 @@ from tint_hf.evaluation import (
     classification_metrics,
     get_task,
 )
+from tint_hf.evaluation.modes import MIN_SHARED_PREFIX, pad_rows, shared_prefix_length
 from tint_hf.simulate import Approximations, exact_step
 
 DEMOS = [Example("a fine film .", 1), Example("so dull and long", 0), Example("great fun", 1), Example("awful", 0)]
@@ -67,6 +68,8 @@ def test_batching_with_padding_equals_batch_size_one(model, gpt2_tokenizer, make
     one = score(make(model), builder, contexts, batch_size=1)
     padded = score(make(model), builder, contexts, batch_size=4)
     assert len({len(c.input_ids) for c in contexts}) > 1
+    rows = pad_rows([(c.input_ids, c.train_mask, c.label_mask) for c in contexts], 0)
+    assert shared_prefix_length(rows.input_ids, rows.attention_mask) > MIN_SHARED_PREFIX  # the demos run once
     torch.testing.assert_close(padded, one, rtol=0, atol=1e-10)
 
 
@@ -130,6 +133,14 @@ def test_tint_mode_agrees_with_dynamic_in_the_tint_approximation_setting(model, 
         torch.testing.assert_close(via_tint, simulated, rtol=0, atol=1e-8)
         change = (simulated - icl).abs().max()
         assert change > 1e-4 and (exact - simulated).abs().max() < 0.5 * change  # TinT approximates SGD
+
+
+def test_shared_prefix_length_by_hand():
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 9, 1], [5, 6, 7, 8, 2]])
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert shared_prefix_length(ids, attention) == 3
+    assert shared_prefix_length(ids[[0, 2]], attention[[0, 2]]) == 3  # row 0 keeps one token of its own
+    assert shared_prefix_length(ids[[1, 2]], attention[[1, 2]]) == 3
 
 
 def test_tint_mode_rejects_a_plain_model(model):

@@ -25,8 +25,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..simulate import Approximations, forward_with_params, sgd_update, tint_step
+
+MIN_SHARED_PREFIX = 8  # below this many shared leading tokens, prefix caching is not worth a second forward call
 
 
 @dataclass
@@ -37,6 +40,38 @@ class Batch:
     attention_mask: torch.Tensor
     train_mask: torch.Tensor
     loss_mask: torch.Tensor
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Number of leading tokens that every row shares, leaving each row at least one token of its own."""
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    limit = int(attention_mask.sum(-1).min()) - 1
+    return int(same[:limit].long().cumprod(0).sum())
+
+
+def forward_sharing_prefix(model: nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of right-padded rows with (shared) replaced ``params``, running a common prefix only once.
+
+    Rows of a few-shot evaluation share the demonstrations: their keys/values are computed for one row, repeated
+    B times as the KV cache, and only the suffixes run batched. Same result as :func:`forward_with_params`
+    (up to floating-point summation order).
+    """
+    batch = input_ids.shape[0]
+    prefix = shared_prefix_length(input_ids, attention_mask) if batch > 1 else 0
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    if prefix < MIN_SHARED_PREFIX or not takes_positions:
+        return forward_with_params(model, params, input_ids, attention_mask)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    with torch.no_grad():
+        head = functional_call(model, params, args=(input_ids[:1, :prefix],),
+                               kwargs=dict(position_ids=positions[:, :prefix], use_cache=True))
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(batch)
+        tail = functional_call(model, params, args=(input_ids[:, prefix:],),
+                               kwargs=dict(attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                                           position_ids=positions[:, prefix:].expand(batch, -1)))
+    return torch.cat([head.logits.expand(batch, -1, -1), tail.logits], dim=1)
 
 
 def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
@@ -64,8 +99,7 @@ class PlainLM:
         self.params = params or {}
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            return forward_with_params(self.model, self.params, batch.input_ids, batch.attention_mask)
+        return forward_sharing_prefix(self.model, self.params, batch.input_ids, batch.attention_mask)
 
 
 class DynamicSGD:
@@ -129,8 +163,7 @@ class DynamicSGD:
             groups.setdefault(id(params), (params, []))[1].append(b)
         out = None
         for params, rows in groups.values():
-            with torch.no_grad():
-                logits = forward_with_params(self.model, params, batch.input_ids[rows], batch.attention_mask[rows])
+            logits = forward_sharing_prefix(self.model, params, batch.input_ids[rows], batch.attention_mask[rows])
             if out is None:
                 out = logits.new_empty(batch.input_ids.shape + logits.shape[-1:])
             out[rows] = logits
