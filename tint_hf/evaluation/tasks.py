@@ -49,7 +49,7 @@ class HubSource:
     ``datasets`` >= 4 dropped loading scripts, so only parquet/JSON-backed Hub repos load. The repos below are such
     repos according to their dataset cards (``nyu-mll/glue``, ``cornell-movie-review-data/rotten_tomatoes``,
     ``SetFit/SentEval-CR``, ``jxm/mpqa``, ``SetFit/subj``, ``fancyzhx/{ag_news,amazon_polarity,yelp_polarity}``);
-    the old script-based ids (``glue``, ``ag_news``, ``rotten_tomatoes``, ...) do not load on ``datasets`` 5. This
+    use these canonical ids rather than the legacy short names (``glue``, ``ag_news``, ...), which may not load. This
     could not be re-checked from the offline development machines.
     """
 
