@@ -46,11 +46,11 @@ class Template:
 class HubSource:
     """A ``datasets.load_dataset`` source.
 
-    ``datasets`` >= 4 dropped loading scripts, so only parquet/JSON-backed Hub repos load. The repos below are such
-    repos according to their dataset cards (``nyu-mll/glue``, ``cornell-movie-review-data/rotten_tomatoes``,
+    ``datasets`` >= 4 dropped loading scripts, so only parquet/JSON-backed Hub repos load. The repos used below are
+    believed to be such repos (``nyu-mll/glue``, ``cornell-movie-review-data/rotten_tomatoes``,
     ``SetFit/SentEval-CR``, ``jxm/mpqa``, ``SetFit/subj``, ``fancyzhx/{ag_news,amazon_polarity,yelp_polarity}``);
-    use these canonical ids rather than the legacy short names (``glue``, ``ag_news``, ...), which may not load. This
-    could not be re-checked from the offline development machines.
+    use these canonical ids rather than the legacy short names (``glue``, ``ag_news``, ...), which may not load. None of
+    this could be re-checked from the offline development machines.
     """
 
     path: str
