@@ -23,7 +23,7 @@ from tint_hf import TinTForCausalLM
 from tint_hf.assets import sample_text
 from tint_hf.simulate import exact_step, tint_step
 
-LRS = (1e-5, 3e-5, 1e-4, 3e-4)
+LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 
 
 def blocks(tokenizer, seq_len: int, count: int, start: int) -> torch.Tensor:
