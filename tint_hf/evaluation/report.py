@@ -43,7 +43,7 @@ def plot_accuracy(summary: Sequence[dict], path: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in summary))
     series = list(dict.fromkeys((r["mode"], r["shots"]) for r in summary))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * len(tasks) * max(1, len(series) / 3)), 3.5))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(tasks) * max(1, len(series) / 3)), 4.0))
     for s, (mode, shots) in enumerate(series):
         rows = {r["task"]: r for r in summary if (r["mode"], r["shots"]) == (mode, shots)}
         xs = [t + (s - (len(series) - 1) / 2) * width for t in range(len(tasks)) if tasks[t] in rows]
@@ -55,9 +55,9 @@ def plot_accuracy(summary: Sequence[dict], path: Path) -> None:
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", ncol=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
