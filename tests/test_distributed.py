@@ -1,6 +1,9 @@
 """Two-process training on CPU (gloo): DDP through Trainer, FSDP2 with ``fully_shard``, and the example script under
 ``accelerate launch`` with examples/accelerate/ddp.yaml. Every run is compared with single-process autograd steps on
-the whole batch (the ranks see one sequence each, and the losses are means over equally many targets)."""
+the whole batch (the ranks see one sequence each, and the losses are means over equally many targets).
+
+Workers are *spawned* fresh processes joined by a gloo FileStore, as ``accelerate.debug_launcher`` does, but without
+its fork: a process forked from a pytest run that already used torch's thread pools can deadlock."""
 
 from __future__ import annotations
 
@@ -8,12 +11,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from accelerate import debug_launcher
 from conftest import tiny_opt
 from datasets import Dataset, DatasetDict
 
@@ -59,16 +62,26 @@ def same_on_every_rank(tensor: torch.Tensor) -> bool:
     return all(torch.equal(g, tensor) for g in gathered)
 
 
-def fresh_process_state() -> None:
-    """Forked workers inherit the parent's accelerate singletons and thread pool: reset both."""
-    from accelerate.state import AcceleratorState
+def launch(worker, *args, world_size: int = 2) -> None:
+    """Run ``worker(*args)`` on ``world_size`` spawned CPU ranks; a failure on any rank fails the caller."""
+    with tempfile.TemporaryDirectory() as folder:
+        torch.multiprocessing.start_processes(_rank_main, args=(f"{folder}/store", world_size, worker, args),
+                                              nprocs=world_size, start_method="spawn")
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+
+def _rank_main(rank: int, store: str, world_size: int, worker, args: tuple) -> None:
+    # what accelerate reads to recognise a multi-CPU run (the process group below is already initialised)
+    os.environ.update(WORLD_SIZE=str(world_size), ACCELERATE_USE_CPU="yes", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT="29500", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, store=dist.FileStore(store, world_size))
+    try:
+        worker(*args)
+    finally:
+        dist.destroy_process_group()
 
 
 def ddp_trainer_worker(output_dir: str) -> None:
-    fresh_process_state()
     from accelerate.utils import DistributedType
     from torch.nn.parallel import DistributedDataParallel
 
@@ -88,11 +101,10 @@ def ddp_trainer_worker(output_dir: str) -> None:
 
 
 def test_two_process_trainer_ddp_equals_a_full_batch_step_on_every_rank(tmp_path):
-    debug_launcher(ddp_trainer_worker, args=(str(tmp_path),), num_processes=2)
+    launch(ddp_trainer_worker, str(tmp_path))
 
 
 def fsdp2_worker() -> None:
-    fresh_process_state()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -121,7 +133,7 @@ def fsdp2_worker() -> None:
 
 
 def test_two_process_fsdp2_fully_shard_equals_a_full_batch_step():
-    debug_launcher(fsdp2_worker, num_processes=2)
+    launch(fsdp2_worker)
 
 
 def free_port() -> int:
