@@ -46,8 +46,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 import tint_hf
 from tint_hf.assets import load_gpt2_tokenizer, sample_text
 
-PREFIX_SLOTS = ("ln1", "q", "k", "v", "o", "ln2", "fc1", "fc2")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Shared with finetune_mesa_opt.py
@@ -208,9 +206,10 @@ def tint_lora_targets(model: PreTrainedModel) -> dict[str, list[str]]:
     """LoRA on every prefix embedding when TinT reads them through a module call (what peft's ``target_parameters``
     needs); on a TinT that keeps them in a plain ``nn.ParameterDict``, only the position embedding can be adapted
     (the token embedding is also read as a raw matrix by the inner step and is tied to the output head)."""
-    if isinstance(model.model.layers[0].prefixes, nn.ParameterDict):
+    prefixes = model.model.layers[0].prefixes
+    if isinstance(prefixes, nn.ParameterDict):
         return {"target_modules": ["embed_positions"]}
-    return {"target_parameters": [f"prefixes.{slot}" for slot in PREFIX_SLOTS]}
+    return {"target_parameters": [f"prefixes.{slot}" for slot, _ in prefixes.named_parameters()]}
 
 
 def build_parser() -> argparse.ArgumentParser:
