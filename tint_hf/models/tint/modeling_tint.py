@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils.logging import tqdm
 
@@ -147,6 +148,17 @@ class TinTLinearBackwardDescent(TinTLinearForward):
         return dx, new
 
 
+def finite_difference(fn, x: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """TinT's first-order backward ``N (fn(x + g / N) - fn(x))`` (= J_fn(x) g for symmetric J_fn, up to O(1/N)).
+
+    The difference cancels about log10(N) digits, so half-precision inputs are evaluated in float32 (in bf16, x + g/N
+    would round back to x); float32 / float64 are used as they are.
+    """
+    work = torch.promote_types(x.dtype, torch.float32)
+    x_, grad_ = x.to(work), grad.to(work)
+    return (scale * (fn(x_ + grad_ / scale) - fn(x_))).to(x.dtype)
+
+
 class TinTNorm(nn.Module):
     """LayerNorm / RMSNorm as normalisation over the d signal coordinates followed by a linear forward with
     diag(gamma) prefixes (and beta in the bias slot; zero for RMSNorm).
@@ -183,7 +195,7 @@ class TinTNorm(nn.Module):
             gamma_delta = torch.einsum("btd,btd->bd", dy * token_lr.unsqueeze(-1).to(dy.dtype), x_hat)
             new = new - stack_into_prefixes(torch.diag_embed(gamma_delta), torch.zeros_like(gamma_delta), self.P)
         if mode == "fd":
-            return fd_scale * (self.normalize(x + g_hat / fd_scale) - x_hat), new
+            return finite_difference(self.normalize, x, g_hat, fd_scale), new
         projection = x_hat * (g_hat * x_hat).mean(-1, keepdim=True)
         if self.kind == "rmsnorm":
             return (g_hat - projection) / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps), new
@@ -202,9 +214,9 @@ class TinTActivation(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.act(z)
 
-    def backward(self, grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor, mode: str, fd_scale: float):
+    def backward(self, grad: torch.Tensor, z: torch.Tensor, mode: str, fd_scale: float) -> torch.Tensor:
         if mode == "fd":
-            return fd_scale * (self.act(z + grad / fd_scale) - a)
+            return finite_difference(self.act, z, grad, fd_scale)
         with torch.enable_grad():
             z_ = z.detach().requires_grad_(True)
             (dz,) = torch.autograd.grad(self.act(z_), z_, grad)
@@ -316,7 +328,26 @@ class StepContext:
     rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) (B, 1, T, head_dim) for rotary families
 
 
-class TinTForwardBlock(nn.Module):
+class TinTPrefixes(nn.Module):
+    """One layer's prefix embeddings, one parameter per slot. TinT reads them by *calling* this module, which is
+    what peft's ``LoraConfig(target_parameters=...)`` needs to apply an adapter to them."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        super().__init__()
+        self.slots = tuple(shapes)
+        for slot, shape in shapes.items():
+            self.register_parameter(slot, nn.Parameter(torch.zeros(shape)))
+
+    def __getitem__(self, slot: str) -> nn.Parameter:
+        return getattr(self, slot)
+
+    def forward(self, anchor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The prefixes with a leading batch dimension of 1 (``anchor``, any tensor, is unused: peft's wrappers
+        need one positional input)."""
+        return {slot: getattr(self, slot).unsqueeze(0) for slot in self.slots}  # getattr: peft parametrizes them
+
+
+class TinTForwardBlock(GradientCheckpointingLayer):
     """One simulated auxiliary layer: N1 -> QKV -> softmax attention -> O (+res) -> N2 -> MLP chunks (+res).
 
     Holds this layer's prefix embeddings: ``prefixes[slot]`` of shape (P, D) for ln1, q, k, v, o, ln2 and
@@ -328,18 +359,16 @@ class TinTForwardBlock(nn.Module):
         spec = config.aux_config_spec
         d, P, D = spec.hidden_size, config.num_prefixes, config.hidden_size
         self.gated = spec.gated_mlp
-        self.prefixes = nn.ParameterDict(
-            {slot: nn.Parameter(torch.zeros(P, D)) for slot in NORM_SLOTS + LINEAR_SLOTS}
-            | {slot: nn.Parameter(torch.zeros(mlp_chunks(spec), P, D)) for slot in mlp_slots(spec)}
-        )
+        self.prefixes = TinTPrefixes({slot: (P, D) for slot in NORM_SLOTS + LINEAR_SLOTS}
+                                     | {slot: (mlp_chunks(spec), P, D) for slot in mlp_slots(spec)})
         self.linear = TinTLinearForward(d, P)
         self.norm = TinTNorm(spec, P)
         self.attention = TinTSoftmaxAttention(spec)
         self.activation = TinTActivation(spec.activation)
 
-    def initial_prefixes(self) -> dict[str, torch.Tensor]:
+    def initial_prefixes(self, anchor: torch.Tensor) -> dict[str, torch.Tensor]:
         """The learned prefix embeddings with a leading batch dimension of 1."""
-        return {slot: p.unsqueeze(0) for slot, p in self.prefixes.items()}
+        return self.prefixes(anchor)
 
     def forward(self, hidden: torch.Tensor, prefixes: dict[str, torch.Tensor],
                 context: StepContext) -> tuple[torch.Tensor, BlockMemory]:
@@ -360,7 +389,7 @@ class TinTForwardBlock(nn.Module):
         return out, memory
 
 
-class TinTBackwardBlock(nn.Module):
+class TinTBackwardBlock(GradientCheckpointingLayer):
     """Backward and descent of one simulated layer (no parameters of its own: it reads and updates prefixes).
 
     In reverse order: fc2 / activation (x up) / fc1 (and gate) chunks, N2 (+res), O, attention value path, V,
@@ -392,14 +421,14 @@ class TinTBackwardBlock(nn.Module):
         grad_a, new["fc2"] = self.linear(grad.unsqueeze(1).expand(-1, self.chunks, -1, -1), memory.a,
                                          prefixes["fc2"], lr, update_bias=fc2_bias)
         if self.gated:  # a = act(z) * up
-            grad_z = self.activation.backward(grad_a * memory.up, memory.z, memory.s, self.mode, self.fd_scale)
+            grad_z = self.activation.backward(grad_a * memory.up, memory.z, self.mode, self.fd_scale)
             grad_x2, new["fc1"] = self.linear(grad_a * memory.s, memory.x2.unsqueeze(1), prefixes["fc1"], lr,
                                               update_bias=bias)
             grad_gate, new["gate"] = self.linear(grad_z, memory.x2.unsqueeze(1), prefixes["gate"], lr,
                                                  update_bias=False)
             grad_x2 = grad_x2 + grad_gate
         else:
-            grad_z = self.activation.backward(grad_a, memory.z, memory.s, self.mode, self.fd_scale)
+            grad_z = self.activation.backward(grad_a, memory.z, self.mode, self.fd_scale)
             grad_x2, new["fc1"] = self.linear(grad_z, memory.x2.unsqueeze(1), prefixes["fc1"], lr, update_bias=bias)
         grad_mid, new["ln2"] = self.norm.backward_descent(grad_x2.sum(1), memory.ln2_x, memory.ln2_x_hat,
                                                           prefixes["ln2"], lr, self.bias_only, self.mode,
@@ -447,7 +476,8 @@ class TinTPreTrainedModel(PreTrainedModel):
     config: TinTConfig
     config_class = TinTConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    accepts_loss_kwargs = False  # the loss is a mean over evaluation targets; Trainer must scale it for accumulation
     _no_split_modules = ["TinTForwardBlock"]
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False,
@@ -516,9 +546,9 @@ class TinTModel(TinTPreTrainedModel):
         context = StepContext(allowed=_causal_allowed(masks.attention_mask), train_tokens=masks.train_tokens,
                               token_lr=masks.train_tokens.to(hidden.dtype) * lr, rotary=rotary)
         for layer in self.layers[: L - n]:  # never updated: run once, reused by every later pass
-            hidden, _ = layer(hidden, layer.initial_prefixes(), context)
+            hidden, _ = layer(hidden, layer.initial_prefixes(hidden), context)
         continued = hidden
-        prefixes = [layer.initial_prefixes() for layer in self.layers[L - n:]]
+        prefixes = [layer.initial_prefixes(hidden) for layer in self.layers[L - n:]]
         final_prefix = self.final_norm_prefix.unsqueeze(0)
         hidden_before = None
         for _ in range(self.config.n_steps):
