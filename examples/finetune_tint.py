@@ -16,16 +16,13 @@ Real runs (any number of GPUs; the configs are in ``examples/accelerate/``)::
         --model tint-opt-125m --dataset wikitext --dataset-config wikitext-103-raw-v1 --block-size 512 --bf16
 
 Numerics: ``--bf16`` is autocast (float32 master weights and residual stream) and keeps the simulated step within
-about 1.5e-2 (relative) of float64 with either backward. TinT *stored* in bfloat16 breaks the finite-difference
-backward (``backward="fd"``: ``N (f(x + g / N) - f(x))`` with N = 1000 falls below bfloat16 resolution, 70-100 %
-error on the logit change), so this script always loads float32 weights; load with ``backward="exact"`` if you need
-bfloat16 weights.
+about 1.5e-2 (relative) of float64 with either backward. TinT evaluates its finite-difference backward
+(``N (f(x + g / N) - f(x))``, N = 1000) in float32 even for bfloat16 activations, which would otherwise round
+``x + g / N`` back to ``x``; this script loads float32 weights.
 
 PEFT: ``--peft lora`` puts LoRA on TinT's prefix embeddings with ``LoraConfig(target_parameters=...)`` (the (P, D)
-and (C, P, D) prefixes are weight matrices and stacks of them). peft applies such an adapter only while the module
-owning the parameter runs its forward, so this needs a TinT that reads its prefixes by calling a module; a TinT that
-keeps them in a plain ``nn.ParameterDict`` gets LoRA on its position embedding only (see ``tint_lora_targets``).
-The token embedding is not adapted: the inner step reads it as a raw matrix and the output head is tied to it, so a
+and (C, P, D) prefixes are weight matrices and stacks of them; peft applies the adapter while TinT calls the module
+that holds them). The token embedding is not adapted: the inner step reads it as a raw matrix and the output head is tied to it, so a
 merged adapter would change both. IA3 needs ``nn.Linear`` layers, of which TinT has only that tied head, so
 ``--peft ia3`` is refused for TinT (it works for MesaOPT).
 
@@ -40,7 +37,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
 import tint_hf
@@ -153,13 +149,6 @@ def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArgumen
 def make_trainer(model: PreTrainedModel, tokenizer, data: DatasetDict, args: argparse.Namespace,
                  **training_overrides) -> Trainer:
     """A ``Trainer`` for ``model`` on ``data`` with the command-line settings (``training_overrides`` win)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap a PeftModel
-    if args.activation_checkpointing and not base.supports_gradient_checkpointing:
-        raise SystemExit(f"{type(base).__name__} does not support activation checkpointing yet; drop the flag.")
-    if isinstance(base, tint_hf.TinTForCausalLM):
-        # TinT's forward takes **kwargs but ignores `num_items_in_batch` (its loss is a mean over the batch's
-        # evaluation targets); Trainer would then skip dividing the loss by the gradient-accumulation steps.
-        base.accepts_loss_kwargs = False
     return Trainer(model=model, args=training_arguments(args, **training_overrides), train_dataset=data["train"],
                    eval_dataset=data["eval"], processing_class=tokenizer)
 
@@ -203,13 +192,8 @@ def load_tint(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
 
 
 def tint_lora_targets(model: PreTrainedModel) -> dict[str, list[str]]:
-    """LoRA on every prefix embedding when TinT reads them through a module call (what peft's ``target_parameters``
-    needs); on a TinT that keeps them in a plain ``nn.ParameterDict``, only the position embedding can be adapted
-    (the token embedding is also read as a raw matrix by the inner step and is tied to the output head)."""
-    prefixes = model.model.layers[0].prefixes
-    if isinstance(prefixes, nn.ParameterDict):
-        return {"target_modules": ["embed_positions"]}
-    return {"target_parameters": [f"prefixes.{slot}" for slot, _ in prefixes.named_parameters()]}
+    """LoRA on every prefix embedding (the slots of the first layer name those of all layers)."""
+    return {"target_parameters": [f"prefixes.{slot}" for slot, _ in model.model.layers[0].prefixes.named_parameters()]}
 
 
 def build_parser() -> argparse.ArgumentParser:

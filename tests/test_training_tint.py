@@ -151,8 +151,6 @@ def test_lora_trains_only_the_adapter_and_reloads(tmp_path):
         finetune_tint.apply_peft(tiny_tint(), cli_args(tmp_path, "--peft", "ia3"), {}, ia3_targets=None)
 
 
-@pytest.mark.skipif(not TinTForCausalLM.supports_gradient_checkpointing,
-                    reason="TinT does not support activation checkpointing yet (modeling_tint.py)")
 def test_activation_checkpointing_gives_the_same_gradients():
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
     grads = []
@@ -164,14 +162,6 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
-
-
-def test_activation_checkpointing_flag_is_refused_while_unsupported(tmp_path):
-    if TinTForCausalLM.supports_gradient_checkpointing:
-        pytest.skip("supported now: covered by test_activation_checkpointing_gives_the_same_gradients")
-    args = cli_args(tmp_path, "--activation-checkpointing")
-    with pytest.raises(SystemExit, match="does not support activation checkpointing"):
-        finetune_tint.make_trainer(tiny_tint(), None, random_blocks(2), args, use_cpu=True)
 
 
 def test_example_script_trains_the_tiny_default_and_saves_a_loadable_checkpoint(tmp_path, capsys):
