@@ -163,7 +163,7 @@ class _Simulator:
     def norm(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """LayerNorm or RMSNorm; gamma (and beta) gradients read only training-part rows (TinT's descent)."""
         x_hat = self._through(self._normalize, x)
-        affine = [_per_row(w[f"{name}.{kind}"], 1) for kind in self.spec.parameter_kinds(name.split(".")[-1])]
+        affine = [_per_row(w[f"{name}.{kind}"], 1) for kind in self.spec.parameter_kinds("ln")]
         gamma, beta = affine[0], (affine[1] if len(affine) > 1 else torch.zeros_like(affine[0]))
         if self.approx.train_token_mask and (gamma.requires_grad or beta.requires_grad):
             m = self.row_mask.to(x.dtype)  # same value as x_hat * gamma + beta
