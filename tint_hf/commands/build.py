@@ -1,4 +1,4 @@
-"""``tint-hf build``: construct a TinT checkpoint from an auxiliary OPT / GPT-2 model."""
+"""``tint-hf build``: construct a TinT checkpoint from an auxiliary OPT / GPT-2 / Llama model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ..models.tint import TinTForCausalLM
 
-HELP = "Construct TinTForCausalLM from an auxiliary OPT / GPT-2 checkpoint and save it (safetensors + remote code)."
+HELP = "Construct TinTForCausalLM from an auxiliary OPT / GPT-2 / Llama checkpoint and save it (safetensors + remote code)."
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 

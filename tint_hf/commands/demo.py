@@ -18,7 +18,7 @@ HELP = ("One step of in-context SGD on a tiny model and shipped text: exact SGD,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="Path or Hub id of an OPT / GPT-2 causal LM (default: a tiny random OPT built here).")
+                        help="Path or Hub id of an OPT / GPT-2 / Llama causal LM (default: a tiny random OPT built here).")
     parser.add_argument("--seq-len", type=int, default=256, help="Tokens per block (default: 256).")
     parser.add_argument("--blocks", type=int, default=4, help="Number of text blocks to evaluate (default: 4).")
     parser.add_argument("--train-fraction", type=float, default=0.5,

@@ -1,7 +1,7 @@
 """Reference (oracle) implementations of one step of in-context SGD on an ordinary HF causal LM.
 
 * :func:`exact_step`: true dynamic evaluation with torch autograd, for any HF causal LM.
-* :func:`tint_step`: the approximate step that TinT simulates (:class:`Approximations`), for OPT and GPT-2.
+* :func:`tint_step`: the approximate step that TinT simulates (:class:`Approximations`), for OPT, GPT-2 and Llama-family models.
 """
 
 from .exact import exact_step, forward_with_params, select_parameters, sgd_update

@@ -1,6 +1,6 @@
 """``tint_step``: the approximate SGD step that TinT simulates, as a functional reference (oracle).
 
-It re-implements the auxiliary forward (OPT / GPT-2, pre-LN) with per-sequence weights and runs torch autograd
+It re-implements the auxiliary forward (OPT, GPT-2, Llama; pre-norm) with per-sequence weights and runs torch autograd
 through it, with TinT's approximations (``tint.md`` §3.2) inserted as switchable autograd rules:
 
 * ``stop_attention_grad``: no gradient through the attention probabilities; only the value path

@@ -14,7 +14,7 @@ BACKWARDS = ("fd", "exact")
 class TinTConfig(PreTrainedConfig):
     r"""Configuration of a :class:`TinTForCausalLM`.
 
-    TinT simulates an auxiliary language model (``aux_config``, an OPT or GPT-2 config) whose weights live in
+    TinT simulates an auxiliary language model (``aux_config``, an OPT, GPT-2 or Llama config) whose weights live in
     ``num_prefixes`` prefix-token embeddings of width ``hidden_size``. One forward pass runs the auxiliary forward,
     an approximate backward pass of the summed next-token loss over the training part, ``n_steps`` SGD steps of size
     ``inner_lr`` on the top ``n_simulation_layers`` layers, and the forward pass that predicts the rest.

@@ -3,7 +3,7 @@
 Panigrahi, Malladi, Xia, Arora, "Trainable Transformer in Transformer" (ICML 2024). One ``TinTForCausalLM``
 forward pass on a sequence of T auxiliary tokens
 
-1. runs the auxiliary forward pass (OPT or GPT-2) with its weights read from prefix embeddings;
+1. runs the auxiliary forward pass (OPT, GPT-2 or Llama-family) with its weights read from prefix embeddings;
 2. injects the gradient of the summed next-token loss over the *training part* at the final LayerNorm;
 3. runs the approximate backward pass through the top ``n_simulation_layers`` layers, and in the same layers
    adds ``-inner_lr * sum_t dy_t x_t^T`` to the prefix embeddings (the simulated SGD step);
