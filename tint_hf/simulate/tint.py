@@ -301,7 +301,7 @@ def tint_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     """The approximate SGD step TinT simulates, per sequence, then the prediction with the updated weights.
 
     Same inputs and output as :func:`tint_hf.simulate.exact_step`; ``approximations`` selects TinT's departures
-    from exact SGD (default: TinT's setting). Supports OPT (pre-LN) and GPT-2 auxiliary models.
+    from exact SGD (default: TinT's setting). Supports OPT (pre-LN), GPT-2 and Llama-family auxiliary models.
     """
     _validate_step_args(lr, n_steps)
     approx = approximations or Approximations()
