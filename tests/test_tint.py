@@ -136,6 +136,22 @@ def test_padded_batch_equals_one_sequence_at_a_time():
         assert rel(together.logits[b][real], alone.logits[0]) < 1e-10
 
 
+def test_rows_sharing_their_training_part_share_one_step():
+    """A batch of prompts with the same demonstrations (training part) and different queries: TinT runs the step once
+    for the group; each row must still equal its own, unbatched, simulation."""
+    aux, tint = build("llama", backward="exact")
+    gen = torch.Generator().manual_seed(12)
+    demos = torch.randint(3, 64, (1, 9), generator=gen).expand(4, -1)
+    ids = torch.cat([demos, torch.randint(3, 64, (4, 5), generator=gen)], dim=1)
+    train = torch.zeros_like(ids)
+    train[:, :9] = 1
+    together = tint(ids, None, train)
+    sim = simulate(aux, tint, ids, None, train)
+    assert rel(together.logits, sim.logits_after) < 1e-9
+    for b in range(4):
+        assert rel(together.logits[b], tint(ids[b:b + 1], None, train[b:b + 1]).logits[0]) < 1e-10
+
+
 def test_default_train_mask_is_the_first_fraction_of_real_tokens():
     _, tint = build("gpt2", default_train_fraction=0.5)
     ids, attn, _ = batch(seed=6)

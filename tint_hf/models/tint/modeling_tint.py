@@ -327,6 +327,12 @@ class StepContext:
     token_lr: torch.Tensor       # (B, T) inner lr on training-part tokens, 0 elsewhere
     rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) (B, 1, T, head_dim) for rotary families
 
+    def select(self, rows: torch.Tensor, span: int) -> StepContext:
+        """The context of the given rows, restricted to their first ``span`` positions."""
+        rotary = None if self.rotary is None else tuple(t[rows, :, :span] for t in self.rotary)
+        return StepContext(allowed=self.allowed[rows, :, :span, :span], train_tokens=self.train_tokens[rows, :span],
+                           token_lr=self.token_lr[rows, :span], rotary=rotary)
+
 
 class TinTPrefixes(nn.Module):
     """One layer's prefix embeddings, one parameter per slot. TinT reads them by *calling* this module, which is
@@ -551,19 +557,29 @@ class TinTModel(TinTPreTrainedModel):
         prefixes = [layer.initial_prefixes(hidden) for layer in self.layers[L - n:]]
         final_prefix = self.final_norm_prefix.unsqueeze(0)
         hidden_before = None
-        for _ in range(self.config.n_steps):
-            y, memories, final_x_hat, final_x = self._simulated_forward(continued, prefixes, final_prefix, context)
-            if hidden_before is None:
-                hidden_before = y
-            # Gradient module: loss gradient at the final-LN output, final LN backward + descent.
-            grad = self.loss_gradient(y, self.embed_tokens.weight, input_ids, masks.train)
-            grad, final_prefix = self.final_norm.backward_descent(
-                grad, final_x, final_x_hat, final_prefix, context.token_lr, self.config.ln_bias_only,
-                self.config.backward, self.config.fd_scale)
-            for i in reversed(range(n)):
-                grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], context)
+        if return_hidden_before:
+            hidden_before = self._simulated_forward(continued, prefixes, final_prefix, context)[0]
+        # The training loss depends only on the positions up to its last target (causal attention), and rows that
+        # agree there receive the same update: the step runs once per distinct leading span (exact, and for a batch
+        # of prompts sharing their demonstrations, once in all), then every row reads its group's prefixes.
+        span = _gradient_span(masks)
+        if span > 1:
+            rows, group = _distinct_rows(input_ids, masks, span)
+            step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
+            for _ in range(self.config.n_steps):
+                y, memories, final_x_hat, final_x = self._simulated_forward(continued[rows, :span], prefixes,
+                                                                            final_prefix, step_context)
+                # Gradient module: loss gradient at the final-LN output, final LN backward + descent.
+                grad = self.loss_gradient(y, self.embed_tokens.weight, step_ids, masks.train[rows, : span - 1])
+                grad, final_prefix = self.final_norm.backward_descent(
+                    grad, final_x, final_x_hat, final_prefix, step_context.token_lr, self.config.ln_bias_only,
+                    self.config.backward, self.config.fd_scale)
+                for i in reversed(range(n)):
+                    grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
+            final_prefix = _per_row(final_prefix, group)
+            prefixes = [{slot: _per_row(p, group) for slot, p in layer.items()} for layer in prefixes]
         y, _, _, _ = self._simulated_forward(continued, prefixes, final_prefix, context)
-        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before if return_hidden_before else None)
+        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before)
 
     def _simulated_forward(self, hidden, prefixes, final_prefix, context):
         """The top layers (those the step updates) and the final LN, keeping each block's memory."""
@@ -589,6 +605,28 @@ class TinTModel(TinTPreTrainedModel):
             raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds the auxiliary model's "
                              f"{self.spec.max_positions} positions.")
         return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
+
+
+def _gradient_span(masks: TargetMasks) -> int:
+    """Number of leading positions the training loss depends on: up to its last target token (0 if none)."""
+    positions = masks.train.any(0).nonzero()
+    return 0 if positions.numel() == 0 else int(positions.max()) + 2
+
+
+def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One representative row per group of rows identical on their first ``span`` positions (tokens, masks,
+    positions), and each row's group index: (U,), (B,)."""
+    key = torch.cat([input_ids[:, :span], masks.attention_mask[:, :span].long(), masks.train_tokens[:, :span].long(),
+                     masks.train[:, : span - 1].long(), masks.position_ids[:, :span]], dim=1)
+    _, group = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.zeros(int(group.max()) + 1, dtype=torch.long, device=key.device)
+    rows.scatter_(0, group, torch.arange(key.shape[0], device=key.device))
+    return rows, group
+
+
+def _per_row(prefix: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Prefixes of the U groups (U, ...) -> of the B rows; shared ones (leading dim 1) stay shared."""
+    return prefix if prefix.shape[0] == 1 else prefix[group]
 
 
 def _causal_allowed(attention_mask: torch.Tensor) -> torch.Tensor:
