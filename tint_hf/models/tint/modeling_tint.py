@@ -460,10 +460,12 @@ class TinTBackwardBlock(GradientCheckpointingLayer):
 @dataclass
 class TinTModelOutput(ModelOutput):
     """``last_hidden_state``: final-LN output after the simulated step(s) (B, T, d);
-    ``hidden_state_before``: the same for the first (un-updated) simulated pass, if requested."""
+    ``hidden_state_before``: the same for the first (un-updated) simulated pass, if requested;
+    ``eval_targets``: (B, T-1) bool, the positions whose next token is an evaluation target."""
 
     last_hidden_state: torch.Tensor | None = None
     hidden_state_before: torch.Tensor | None = None
+    eval_targets: torch.Tensor | None = None
 
 
 @dataclass
@@ -579,7 +581,7 @@ class TinTModel(TinTPreTrainedModel):
             final_prefix = _per_row(final_prefix, group)
             prefixes = [{slot: _per_row(p, group) for slot, p in layer.items()} for layer in prefixes]
         y, _, _, _ = self._simulated_forward(continued, prefixes, final_prefix, context)
-        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before)
+        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before, eval_targets=masks.eval)
 
     def _simulated_forward(self, hidden, prefixes, final_prefix, context):
         """The top layers (those the step updates) and the final LN, keeping each block's memory."""
@@ -674,10 +676,9 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         logits_before = self.lm_head(out.hidden_state_before) if return_logits_before else None
         loss = loss_before = None
         if labels is not None:
-            masks = self.model.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
-            loss = _eval_loss(logits, labels, masks)
+            loss = _eval_loss(logits, labels, out.eval_targets)
             if logits_before is not None:
-                loss_before = _eval_loss(logits_before, labels, masks)
+                loss_before = _eval_loss(logits_before, labels, out.eval_targets)
         return TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -756,8 +757,8 @@ def load_auxiliary_into(model: TinTModel, spec: AuxiliarySpec, num_prefixes: int
             block.prefixes[slot].copy_(stack_into_prefixes(weight, bias, P))
 
 
-def _eval_loss(logits: torch.Tensor, labels: torch.Tensor, masks: TargetMasks) -> torch.Tensor:
-    """Mean NLL of ``labels`` at evaluation targets (labels equal to -100 are ignored)."""
-    valid = masks.eval & (labels[:, 1:] != -100)
+def _eval_loss(logits: torch.Tensor, labels: torch.Tensor, eval_targets: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of ``labels`` at evaluation targets (B, T-1) (labels equal to -100 are ignored)."""
+    valid = eval_targets & (labels[:, 1:] != -100)
     nll = next_token_nll(logits, labels.clamp(min=0))
     return (nll * valid).sum() / valid.sum().clamp(min=1)
