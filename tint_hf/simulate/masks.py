@@ -4,7 +4,8 @@ from ..models.tint.sequence_masks import (
     TargetMasks,
     build_target_masks,
     default_position_ids,
+    gradient_span,
     next_token_nll,
 )
 
-__all__ = ["TargetMasks", "build_target_masks", "default_position_ids", "next_token_nll"]
+__all__ = ["TargetMasks", "build_target_masks", "default_position_ids", "gradient_span", "next_token_nll"]

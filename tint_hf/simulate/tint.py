@@ -39,7 +39,7 @@ from ..models.tint.auxiliary import (
     to_hf_parameters,
 )
 from .exact import _eval_mode, _validate_step_args
-from .masks import TargetMasks, build_target_masks
+from .masks import TargetMasks, build_target_masks, gradient_span
 from .outputs import SimulationOutput, summarize
 
 
@@ -255,12 +255,6 @@ def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(table, 1, index.unsqueeze(-1).expand(*index.shape, table.shape[-1]))
 
 
-def _gradient_span(masks: TargetMasks) -> int:
-    """Number of leading positions the training loss depends on: up to its last target token (0 if none)."""
-    positions = masks.train.any(0).nonzero()
-    return 0 if positions.numel() == 0 else int(positions.max()) + 2
-
-
 def _truncate(masks: TargetMasks, span: int) -> TargetMasks:
     """The masks of the first ``span`` positions."""
     return TargetMasks(train=masks.train[:, : span - 1], eval=masks.eval[:, : span - 1],
@@ -312,7 +306,7 @@ def tint_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     first = spec.num_layers - n_layers
     # The training loss only depends on the positions up to its last target (causality): gradients are computed
     # on that leading span only; predictions use the whole sequence.
-    span = _gradient_span(masks)
+    span = gradient_span(masks)
     full, grad_sim = _Simulator(spec, approx, masks), _Simulator(spec, approx, _truncate(masks, span))
 
     def layer_weights(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ from transformers.utils.logging import tqdm
 from .auxiliary import AuxiliarySpec, apply_rotary, auxiliary_spec, layer_key, read_auxiliary, rotary_cos_sin
 from .configuration_tint import TinTConfig
 from .dense_count import authors_dense_parameter_count
-from .sequence_masks import TargetMasks, build_target_masks, default_position_ids, next_token_nll
+from .sequence_masks import TargetMasks, build_target_masks, default_position_ids, gradient_span, next_token_nll
 
 LINEAR_SLOTS = ("q", "k", "v", "o")
 NORM_SLOTS = ("ln1", "ln2")
@@ -564,7 +564,7 @@ class TinTModel(TinTPreTrainedModel):
         # The training loss depends only on the positions up to its last target (causal attention), and rows that
         # agree there receive the same update: the step runs once per distinct leading span (exact, and for a batch
         # of prompts sharing their demonstrations, once in all), then every row reads its group's prefixes.
-        span = _gradient_span(masks)
+        span = gradient_span(masks)
         if span > 1:
             rows, group = _distinct_rows(input_ids, masks, span)
             step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
@@ -607,12 +607,6 @@ class TinTModel(TinTPreTrainedModel):
             raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds the auxiliary model's "
                              f"{self.spec.max_positions} positions.")
         return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
-
-
-def _gradient_span(masks: TargetMasks) -> int:
-    """Number of leading positions the training loss depends on: up to its last target token (0 if none)."""
-    positions = masks.train.any(0).nonzero()
-    return 0 if positions.numel() == 0 else int(positions.max()) + 2
 
 
 def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int) -> tuple[torch.Tensor, torch.Tensor]:

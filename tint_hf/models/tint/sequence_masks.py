@@ -78,3 +78,10 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     """-log p(x_{t+1} | x_{<=t}) for every position: logits (B, T, V), input_ids (B, T) -> (B, T-1)."""
     logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
     return F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
+def gradient_span(masks: TargetMasks) -> int:
+    """Number of leading positions the training loss depends on (causal attention): up to its last target token,
+    0 if there is none."""
+    positions = masks.train.any(0).nonzero()
+    return 0 if positions.numel() == 0 else int(positions.max()) + 2
