@@ -2,11 +2,14 @@
 
     python bench/mesa.py                                   # CPU quick default: B=1, T=512, 12 heads, d=64
     python bench/mesa.py --device cuda --batch 8 --seq-len 2048     # the OPT-125m training shape
+    python bench/mesa.py --device cuda --compile --tf32             # + torch.compile'd rows, TF32 matmuls
 
 For each solver (exact, cg, cg1, gd) of the pure-PyTorch chunked form (and fla's kernel when installed, on CUDA),
 the median time of a forward (no grad) and of forward + backward of the op alone, on normalised q/k, random v,
 gates and lambda = 1, divided by causal SDPA on the same q/k/v. Mesa ops keep float32 states; inputs are bf16 on
-CUDA, fp32 on CPU.
+CUDA, fp32 on CPU. ``--compile`` adds a row per solver for ``torch.compile(chunk_mesa, fullgraph=True)`` (the op,
+implicit backward included, traces as one graph); ``--tf32`` lets CUDA float32 matmuls use TF32 tensor cores
+(off by default, as in the reference run).
 
 Reference (H100, B=8, T=2048, 12 heads, d=64, bf16): fla mesa 0.69 ms fwd / 2.34 ms fwd+bwd, SDPA 0.15 / 0.73 ms,
 a naive PyTorch chunked CG (unrolled autograd) 39 / 178 ms. Target for the pure-PyTorch path: within 10x of fla.
@@ -57,6 +60,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 on CUDA, 3 on CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd chunk_mesa per solver")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 for CUDA float32 matmuls")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.batch = args.batch or (8 if cuda else 1)
@@ -64,10 +69,11 @@ def main() -> None:
     repeats = args.repeats or (10 if cuda else 3)
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
     inputs = make_inputs(args, dtype)
     print(f"device={args.device} B={args.batch} T={args.seq_len} heads={args.heads} d={args.head_dim} "
-          f"cg_steps={args.cg_steps} chunk={args.chunk_size} inputs={dtype} threads={torch.get_num_threads()}")
+          f"cg_steps={args.cg_steps} chunk={args.chunk_size} inputs={dtype} threads={torch.get_num_threads()} "
+          f"tf32={args.tf32 and cuda}")
 
     def sdpa(q, k, v, **_):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -79,6 +85,9 @@ def main() -> None:
                               chunk_size=args.chunk_size)[0]
 
         rows.append((f"mesa torch {solver}", *time_op(mesa, inputs, args.device, repeats)))
+        if args.compile:
+            compiled = torch.compile(mesa, fullgraph=True)
+            rows.append((f"mesa torch {solver} (compiled)", *time_op(compiled, inputs, args.device, repeats)))
     if cuda and fla_available():
         def fla(q, k, v, lam, g, beta):
             return fla_chunk_mesa(q, k, v, lam, g, beta, cg_steps=args.cg_steps)[0]

@@ -28,7 +28,8 @@ M_ji = exp(b_j - b_i) beta_i [i <= j], the C tokens' systems are applied as one 
 and the readout is O = diag(e^b) X S_[n] + ((X K^T) * M) V. For ``"exact"`` and ``"cg"`` the solve is a custom
 autograd function differentiated implicitly: from A x = q, dq = A^{-1} dx (a second solve with the same operator)
 and the gradients of everything that defines A are those of the surrogate -<dq, A(theta) x> with dq and x held
-fixed. The backward therefore stores x (T x d_k) and the chunk states, never the CG iterates.
+fixed, written out in closed form (:func:`_chunk_matvec_vjp`, so the op has no graph break under torch.compile).
+The backward therefore stores x (T x d_k) and the chunk states, never the CG iterates.
 
 States are float32 (float64 for float64 inputs) whatever the input dtype; outputs have the input dtype.
 """
@@ -70,14 +71,14 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torc
     x = torch.zeros_like(rhs)
     residual = rhs
     direction = rhs
-    delta = (residual * residual).sum(-1, keepdim=True)
+    delta = torch.linalg.vecdot(residual, residual)[..., None]
     for _ in range(steps):
         a_direction = matvec(direction)
-        alpha = delta / (direction * a_direction).sum(-1, keepdim=True).clamp_min(tiny)
-        x = x + alpha * direction
-        residual = residual - alpha * a_direction
-        new_delta = (residual * residual).sum(-1, keepdim=True)
-        direction = residual + (new_delta / delta.clamp_min(tiny)) * direction
+        alpha = delta / torch.linalg.vecdot(direction, a_direction)[..., None].clamp_min(tiny)
+        x = torch.addcmul(x, alpha, direction)  # fused x + alpha * direction
+        residual = torch.addcmul(residual, alpha, a_direction, value=-1)
+        new_delta = torch.linalg.vecdot(residual, residual)[..., None]
+        direction = torch.addcmul(residual, new_delta / delta.clamp_min(tiny), direction)
         delta = new_delta
     return x
 
@@ -188,11 +189,11 @@ def _chunk_matvec(
     ``decay`` (B, heads, N, C) is e^{b_t}, ``mask`` (B, heads, N, C, C) the decay mask M, ``h_chunks``
     (B, heads, N, d_k, d_k) the H state before each chunk and ``lam`` (heads, d_k).
     """
-    return (
-        decay[..., None] * (p @ h_chunks.mT)
-        + ((p @ k.transpose(-1, -2)) * mask) @ k
-        + p * lam[None, :, None, None, :]
-    )
+    rows, keys = p.flatten(0, 2), k.flatten(0, 2)  # (B * heads * N, C, d_k)
+    state_term = (rows @ h_chunks.flatten(0, 2).mT).view_as(p)  # H_[n] p_t
+    state_part = torch.addcmul(p * lam[None, :, None, None, :], decay[..., None], state_term)
+    scores = (rows @ keys.mT) * mask.flatten(0, 2)  # (B * heads * N, C, C)
+    return state_part.flatten(0, 2).baddbmm_(scores, keys).view_as(p)  # in place into a fresh temporary
 
 
 def _chunk_solve(
@@ -231,11 +232,26 @@ class _ImplicitSolve(torch.autograd.Function):
         k, decay, mask, h_chunks, lam, x = ctx.saved_tensors
         # A is symmetric, so dq = A^{-T} dx = A^{-1} dx; and d(theta) = -<dq, dA/dtheta x>.
         dq = _chunk_solve(dx, k, decay, mask, h_chunks, lam, ctx.solver, ctx.cg_steps)
-        with torch.enable_grad():
-            operands = [t.detach().requires_grad_() for t in (k, decay, mask, h_chunks, lam)]
-            a_x = _chunk_matvec(x, *operands)
-            grads = torch.autograd.grad(a_x, operands, grad_outputs=-dq)
+        grads = _chunk_matvec_vjp(x, dq.neg(), k, decay, mask, h_chunks)
         return dq, *grads, None, None
+
+
+def _chunk_matvec_vjp(
+    x: torch.Tensor, w: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, mask: torch.Tensor, h_chunks: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of sum_t <w_t, A_t x_t> with respect to k, decay, mask, H_[n] and lam, holding w and x fixed.
+
+    With (XK^T)_ti = x_t . k_i and (WK^T)_ti = w_t . k_i inside each chunk (shapes as in :func:`_chunk_matvec`):
+    d k = (M * XK^T)^T W + (M * WK^T)^T X, d e^{b_t} = w_t . H_[n] x_t, d M = WK^T * XK^T,
+    d H_[n] = sum_t e^{b_t} w_t x_t^T and d lam = sum over batch and tokens of w * x.
+    """
+    xk = x @ k.mT  # (B, heads, N, C, C)
+    wk = w @ k.mT
+    d_k = (mask * xk).mT @ w + (mask * wk).mT @ x
+    d_decay = torch.linalg.vecdot(w, x @ h_chunks.mT)
+    d_h = (decay[..., None] * w).mT @ x
+    d_lam = (w * x).sum((0, 2, 3))
+    return d_k, d_decay, wk * xk, d_h, d_lam
 
 
 def chunk_mesa(
