@@ -254,6 +254,31 @@ def _chunk_matvec_vjp(
     return d_k, d_decay, wk * xk, d_h, d_lam
 
 
+def _states_before_chunks(
+    deltas: torch.Tensor, log_chunk_decay: torch.Tensor, initial: torch.Tensor
+) -> torch.Tensor:
+    """All chunk states of the recurrence X_[n+1] = e^{G_n} X_[n] + dX_n at once, without a loop over chunks.
+
+    ``deltas`` (B, heads, N, d, e) holds dX_n, ``log_chunk_decay`` (B, heads, N) the chunk's total log gate G_n and
+    ``initial`` (B, heads, d, e) X_[0]. Returns X_[0..N] as (B, heads, N + 1, d, e):
+
+        X_[n] = e^{G_0 + ... + G_{n-1}} X_[0] + sum_{m<n} e^{G_{m+1} + ... + G_{n-1}} dX_m.
+
+    The exponents are segment sums of the G's (a masked cumulative sum), not differences of running totals, so
+    they keep full relative precision however long the sequence.
+    """
+    n_chunks = deltas.shape[2]
+    later = torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=deltas.device).tril(-1)  # [j, m]: j > m
+    # segment[n, m] = G_{m+1} + ... + G_{n-1}, from the cumulative sum over j of G_j [j > m]; row n = 0 is padding.
+    later_gates = log_chunk_decay[..., :, None].expand(*log_chunk_decay.shape, n_chunks).masked_fill(~later, 0.0)
+    segment = F.pad(later_gates.cumsum(-2), (0, 0, 1, 0))  # (B, heads, N + 1, N)
+    earlier = torch.ones(n_chunks + 1, n_chunks, dtype=torch.bool, device=deltas.device).tril(-1)  # [n, m]: m < n
+    weights = segment.masked_fill(~earlier, float("-inf")).exp()
+    carried = (weights @ deltas.flatten(-2)).unflatten(-1, deltas.shape[-2:])
+    initial_decay = F.pad(log_chunk_decay.cumsum(-1), (1, 0)).exp()  # (B, heads, N + 1)
+    return carried + initial_decay[..., None, None] * initial[:, :, None]
+
+
 def chunk_mesa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -298,31 +323,25 @@ def chunk_mesa(
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
         mask = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp() * beta[..., None, :]
         k_to_end = k * ((b[..., -1:] - b).exp() * beta)[..., None]  # e^{b_C - b_j} beta_j k_j
-        chunk_decay = decay[..., -1, None, None]  # (B, heads, N, 1, 1)
 
-        # Inter-chunk recurrence: the states before every chunk, (B, heads, N, d_k, d_k | d_v).
+        # Chunk states (H_[n] | S_[n]) before every chunk n = 0..N side by side, (B, heads, N + 1, d_k, d_k + d_v);
+        # H is left out for "gd".
         keep_h = solver != "gd"
         h_state, s_state = initial_state if initial_state is not None else (None, None)
-        if s_state is None:
-            s_state = q.new_zeros(batch, heads, d_k, d_v)
-        if h_state is None and keep_h:
-            h_state = q.new_zeros(batch, heads, d_k, d_k)
-        s_state = s_state.to(dtype)
-        h_state = h_state.to(dtype) if keep_h else None
-        s_chunks, h_chunks = [], []
-        for n in range(n_chunks):
-            s_chunks.append(s_state)
-            s_state = chunk_decay[:, :, n] * s_state + k_to_end[:, :, n].transpose(-1, -2) @ v[:, :, n]
-            if keep_h:
-                h_chunks.append(h_state)
-                h_state = chunk_decay[:, :, n] * h_state + k_to_end[:, :, n].transpose(-1, -2) @ k[:, :, n]
-        s_chunks = torch.stack(s_chunks, dim=2)
+        s_state = q.new_zeros(batch, heads, d_k, d_v) if s_state is None else s_state.to(dtype)
+        targets, initial = v, s_state
+        if keep_h:
+            h_state = q.new_zeros(batch, heads, d_k, d_k) if h_state is None else h_state.to(dtype)
+            targets, initial = torch.cat([k, v], dim=-1), torch.cat([h_state, s_state], dim=-1)
+        states = _states_before_chunks(k_to_end.mT @ targets, b[..., -1], initial)
+        s_chunks, s_state = states[:, :, :-1, :, -d_v:].contiguous(), states[:, :, -1, :, -d_v:]
+        if keep_h:
+            h_chunks, h_state = states[:, :, :-1, :, :d_k].contiguous(), states[:, :, -1, :, :d_k]
 
         # Preconditioned queries x_t = A_t^{-1} q_t, (B, heads, N, C, d_k).
         if solver == "gd":
             x = q
         else:
-            h_chunks = torch.stack(h_chunks, dim=2)
             if solver == "cg1":
                 x = conjugate_gradient(lambda p: _chunk_matvec(p, k, decay, mask, h_chunks, lam), q, 1)
             else:
