@@ -220,4 +220,4 @@ def main(argv: list[str] | None = None) -> Trainer:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:]).accelerator.end_training()  # destroys the process group under accelerate launch / torchrun

@@ -90,6 +90,8 @@ record = dict(world=dist.get_world_size(), processes=trainer.accelerator.state.n
               checksum=flat.double().sum().item(), loss=trainer.state.log_history[-1]["train_loss"])
 with open({output_dir!r} + f"/rank{{dist.get_rank()}}.json", "w") as f:
     json.dump(record, f)
+dist.barrier()
+dist.destroy_process_group()  # an exit with the gloo group alive can abort ("terminate called ...") at teardown
 """
 
 
