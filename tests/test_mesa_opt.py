@@ -186,6 +186,31 @@ def test_config_validation_and_layer_types():
         with pytest.raises(ValueError):
             MesaOPTConfig(**bad)
     assert isinstance(AutoConfig.for_model("mesa_opt"), MesaOPTConfig)
+    config.mesa_layers = [0]  # derived fields follow a later change
+    assert config.layer_types == ["mesa", "full_attention", "full_attention", "full_attention"]
+
+
+def test_from_pretrained_on_an_opt_folder_equals_from_opt(tmp_path):
+    """MesaOPTForCausalLM.from_pretrained(opt_dir, mesa_layers=...) is from_opt: same weights, a mesa_opt config whose
+    cache layer types follow the mesa_layers argument, the same generations, and it saves as a MesaOPT."""
+    opt = tiny_opt()
+    opt.save_pretrained(tmp_path / "opt")
+    model = MesaOPTForCausalLM.from_pretrained(tmp_path / "opt", mesa_layers=[1], dtype=torch.float64)
+    reference = mesa_model(opt, mesa_layers=[1])
+    assert model.config.model_type == "mesa_opt"
+    assert model.config.layer_types == ["full_attention", "mesa"]
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        # OPT weights bit for bit; fresh mesa parameters to float32 rounding (from_opt initialises them in float32)
+        tolerance = 1e-6 if MESA_PARAMETERS.intersection(name.split(".")) else 0.0
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=tolerance, atol=tolerance, msg=name)
+    ids, mask = batch_with_left_padding()
+    model.generation_config.pad_token_id = reference.generation_config.pad_token_id = 1
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    model.save_pretrained(tmp_path / "mesa")
+    assert json.loads((tmp_path / "mesa" / "config.json").read_text())["model_type"] == "mesa_opt"
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "mesa"), MesaOPTForCausalLM)
 
 
 def test_save_pretrained_round_trip(tmp_path):

@@ -51,13 +51,10 @@ class MesaOPTConfig(OPTConfig):
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)  # an OPT config.json read into MesaOPTConfig says "opt"; this is "mesa_opt"
         super().__post_init__(**kwargs)
-        n_layers = self.num_hidden_layers
-        if self.mesa_layers == "all":
-            self.mesa_layers = list(range(n_layers))
-        self.mesa_layers = sorted({int(i) % n_layers for i in self.mesa_layers})
+        self._derive_layer_types()
         self.forget_gate_windows = [float(w) for w in self.forget_gate_windows]
-        self.layer_types = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(n_layers)]
         self.validate_layer_type()
         if self.mesa_solver not in SOLVERS:
             raise ValueError(f"mesa_solver must be one of {SOLVERS}, got {self.mesa_solver!r}.")
@@ -69,6 +66,20 @@ class MesaOPTConfig(OPTConfig):
             raise ValueError("cg_steps and chunk_size must be positive.")
         if len(self.forget_gate_windows) != 2 or not 1 < self.forget_gate_windows[0] <= self.forget_gate_windows[1]:
             raise ValueError(f"forget_gate_windows must be (shortest, longest) > 1, got {self.forget_gate_windows}.")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        # Keep the derived fields in step when mesa_layers is changed after construction, e.g. by
+        # MesaOPTForCausalLM.from_pretrained(path, mesa_layers=[...]) or config.mesa_layers = [...].
+        if name == "mesa_layers" and "layer_types" in self.__dict__:
+            self._derive_layer_types()
+
+    def _derive_layer_types(self) -> None:
+        """Normalise ``mesa_layers`` (``"all"`` or indices, negative allowed) and set ``layer_types`` from it."""
+        n_layers = self.num_hidden_layers
+        layers = range(n_layers) if self.mesa_layers == "all" else self.mesa_layers
+        self.__dict__["mesa_layers"] = sorted({int(i) % n_layers for i in layers})
+        self.layer_types = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(n_layers)]
 
     def validate_layer_type(self):
         """``layer_types`` is derived from ``mesa_layers``; ``"mesa"`` is the cache layer type of mesa layers."""
