@@ -23,7 +23,7 @@ run() {  # run NAME CMD...: log to $OUT/NAME.txt, keep going on failure
     (cd "$ROOT/bench" && "$@") > "$OUT/$name.txt" 2>&1 || echo "   failed (rc=$?), see $OUT/$name.txt"
     tail -n 20 "$OUT/$name.txt"
 }
-run mesa python3 mesa.py --device cuda --compile
+run mesa python3 mesa.py --device cuda --compile --baseline-rev 5448b3d
 run mesa_tf32 python3 mesa.py --device cuda --compile --tf32 --solvers cg
 run simulate python3 simulate.py --device cuda --seq-lens 256 1024 2048
 run tint python3 tint.py --device cuda --seq-lens 1024

@@ -3,13 +3,15 @@
     python bench/mesa.py                                   # CPU quick default: B=1, T=512, 12 heads, d=64
     python bench/mesa.py --device cuda --batch 8 --seq-len 2048     # the OPT-125m training shape
     python bench/mesa.py --device cuda --compile --tf32             # + torch.compile'd rows, TF32 matmuls
+    python bench/mesa.py --baseline-rev HEAD~3                      # + the op as it was at a git revision
 
 For each solver (exact, cg, cg1, gd) of the pure-PyTorch chunked form (and fla's kernel when installed, on CUDA),
 the median time of a forward (no grad) and of forward + backward of the op alone, on normalised q/k, random v,
 gates and lambda = 1, divided by causal SDPA on the same q/k/v. Mesa ops keep float32 states; inputs are bf16 on
 CUDA, fp32 on CPU. ``--compile`` adds a row per solver for ``torch.compile(chunk_mesa, fullgraph=True)`` (the op,
 implicit backward included, traces as one graph); ``--tf32`` lets CUDA float32 matmuls use TF32 tensor cores
-(off by default, as in the reference run).
+(off by default, as in the reference run). ``--baseline-rev REV`` adds a row per solver for ``chunk_mesa`` as
+committed at git revision REV (its mesa_layer.py loaded on its own), to compare implementations in one run.
 
 Reference (H100, B=8, T=2048, 12 heads, d=64, bf16): fla mesa 0.69 ms fwd / 2.34 ms fwd+bwd, SDPA 0.15 / 0.73 ms,
 a naive PyTorch chunked CG (unrolled autograd) 39 / 178 ms. Target for the pure-PyTorch path: within 10x of fla.
@@ -18,6 +20,11 @@ a naive PyTorch chunked CG (unrolled autograd) 39 / 178 ms. Target for the pure-
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,19 @@ def make_inputs(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch
         v=randn(*shape).to(dtype), lam=torch.ones(args.heads, args.head_dim, device=args.device),
         g=F.logsigmoid(4 + randn(*shape[:3])), beta=torch.sigmoid(randn(*shape[:3])),
     )
+
+
+def chunk_mesa_at(revision: str) -> Callable:
+    """``chunk_mesa`` from tint_hf/models/mesa_opt/mesa_layer.py as committed at a git revision."""
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{revision}:tint_hf/models/mesa_opt/mesa_layer.py"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "mesa_layer_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("mesa_layer_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.chunk_mesa
 
 
 def time_op(fn, inputs: dict[str, torch.Tensor], device: str, repeats: int) -> tuple[float, float]:
@@ -62,6 +82,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 on CUDA, 3 on CPU)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd chunk_mesa per solver")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for CUDA float32 matmuls")
+    parser.add_argument("--baseline-rev", default=None, help="also time chunk_mesa as of this git revision")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.batch = args.batch or (8 if cuda else 1)
@@ -79,11 +100,16 @@ def main() -> None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     rows = [("SDPA causal softmax", *time_op(sdpa, inputs, args.device, repeats))]
+    baseline = chunk_mesa_at(args.baseline_rev) if args.baseline_rev else None
     for solver in args.solvers:
-        def mesa(q, k, v, lam, g, beta, solver=solver):
-            return chunk_mesa(q, k, v, lam, g, beta, solver=solver, cg_steps=args.cg_steps,
-                              chunk_size=args.chunk_size)[0]
+        def mesa(q, k, v, lam, g, beta, solver=solver, op=chunk_mesa):
+            return op(q, k, v, lam, g, beta, solver=solver, cg_steps=args.cg_steps, chunk_size=args.chunk_size)[0]
 
+        if baseline is not None:
+            def old(q, k, v, lam, g, beta, solver=solver):
+                return mesa(q, k, v, lam, g, beta, solver=solver, op=baseline)
+
+            rows.append((f"mesa torch {solver} @ {args.baseline_rev}", *time_op(old, inputs, args.device, repeats)))
         rows.append((f"mesa torch {solver}", *time_op(mesa, inputs, args.device, repeats)))
         if args.compile:
             compiled = torch.compile(mesa, fullgraph=True)
