@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, OPTConfig
 from tint_hf import TinTConfig, TinTForCausalLM
 from tint_hf.models.tint.auxiliary import UnsupportedAuxiliaryModelError
 from tint_hf.models.tint.modeling_tint import prefix_bias, prefix_weight
-from tint_hf.simulate import Approximations, default_position_ids, exact_step, tint_step
+from tint_hf.simulate import Approximations, default_position_ids, exact_step, forward_with_params, tint_step
 
 BUILDERS = {"opt": tiny_opt, "gpt2": tiny_gpt2, "llama": tiny_llama}
 FAMILIES = list(BUILDERS)
@@ -150,6 +150,45 @@ def test_rows_sharing_their_training_part_share_one_step():
     assert rel(together.logits, sim.logits_after) < 1e-9
     for b in range(4):
         assert rel(together.logits[b], tint(ids[b:b + 1], None, train[b:b + 1]).logits[0]) < 1e-10
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_segments_give_the_single_ft_step_in_one_pass(family):
+    """Demonstrations packed as training segments and a query as the last segment: TinT's pass equals tint_step run
+    on each demonstration as its own sequence, the parameter changes summed (one step on the summed loss), then the
+    query alone with the updated weights. Padding on the left of the packed row changes nothing."""
+    aux, tint = build(family, backward="exact")
+    gen = torch.Generator().manual_seed(21)
+    demos = [torch.randint(3, 64, (1, n), generator=gen) for n in (6, 4, 7)]
+    query = torch.randint(3, 64, (1, 5), generator=gen)
+    ids = torch.cat([*demos, query], dim=1)
+    segments = torch.cat([torch.full_like(x, i) for i, x in enumerate([*demos, query])], dim=1)
+    train = (segments < len(demos)).long()
+    packed = tint(ids, None, train, segment_ids=segments)
+
+    original = dict(aux.named_parameters())
+    delta = {}
+    for demo in demos:
+        sim = tint_step(aux, demo, None, torch.ones_like(demo), lr=tint.config.inner_lr,
+                        n_layers=tint.config.n_simulation_layers, return_params=True,
+                        approximations=Approximations(**tint.config.approximation_kwargs()))
+        assert rel(sim.logits_after, sim.logits_before) > 1e-4
+        for name, value in sim.params.items():
+            delta[name] = delta.get(name, 0) + (value[0] - original[name])
+    updated = {name: original[name] + change for name, change in delta.items()}
+    expected = forward_with_params(aux, updated, query)
+    got = packed.logits[:, -query.shape[1]:]
+    assert rel(got, forward_with_params(aux, {}, query)) > 1e-4  # the summed step changed the query's prediction
+    # the reference's last forward is HF's model: Llama's RMSNorm runs in float32 there (HF_TOL)
+    assert rel(got, expected) < max(HF_TOL[family], 1e-9)
+
+    padded = torch.cat([torch.full((1, 3), 1), ids], dim=1)
+    attn = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    again = tint(padded, attn, torch.cat([torch.zeros_like(attn[:, :3]), train], dim=1),
+                 segment_ids=torch.cat([torch.zeros_like(attn[:, :3]), segments], dim=1))
+    assert rel(again.logits[:, -query.shape[1]:], got) < 1e-10
+    with pytest.raises(ValueError, match="numbered in order"):
+        tint(ids, None, train, segment_ids=segments.flip(-1))
 
 
 def test_default_train_mask_is_the_first_fraction_of_real_tokens():

@@ -176,7 +176,8 @@ def sgd_update(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
 
 def _row(masks: TargetMasks, b: int) -> TargetMasks:
-    return TargetMasks(**{k: getattr(masks, k)[b:b + 1] for k in masks.__dataclass_fields__})
+    fields = {k: getattr(masks, k) for k in masks.__dataclass_fields__}
+    return TargetMasks(**{k: None if v is None else v[b:b + 1] for k, v in fields.items()})
 
 
 def exact_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -259,7 +259,8 @@ def _truncate(masks: TargetMasks, span: int) -> TargetMasks:
     """The masks of the first ``span`` positions."""
     return TargetMasks(train=masks.train[:, : span - 1], eval=masks.eval[:, : span - 1],
                        train_tokens=masks.train_tokens[:, :span], attention_mask=masks.attention_mask[:, :span],
-                       position_ids=masks.position_ids[:, :span])
+                       position_ids=masks.position_ids[:, :span],
+                       segment_ids=None if masks.segment_ids is None else masks.segment_ids[:, :span])
 
 
 def trainable_names(spec: AuxiliarySpec, approx: Approximations, n_layers: int) -> list[str]:

@@ -541,8 +541,9 @@ class TinTModel(TinTPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, inner_lr: float | None = None,
-                return_hidden_before: bool = False, **kwargs) -> TinTModelOutput:
-        masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
+                return_hidden_before: bool = False, segment_ids: torch.Tensor | None = None,
+                **kwargs) -> TinTModelOutput:
+        masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
         lr = self.config.inner_lr if inner_lr is None else inner_lr
         n, L = self.config.n_simulation_layers, self.spec.num_layers
         hidden = self.embed_tokens(input_ids)
@@ -551,7 +552,8 @@ class TinTModel(TinTPreTrainedModel):
             hidden = hidden + self.embed_positions(masks.position_ids + self.spec.position_offset)
         else:
             rotary = rotary_cos_sin(self.spec, masks.position_ids, hidden.dtype)
-        context = StepContext(allowed=_causal_allowed(masks.attention_mask), train_tokens=masks.train_tokens,
+        context = StepContext(allowed=_causal_allowed(masks.attention_mask, masks.segment_ids),
+                              train_tokens=masks.train_tokens,
                               token_lr=masks.train_tokens.to(hidden.dtype) * lr, rotary=rotary)
         for layer in self.layers[: L - n]:  # never updated: run once, reused by every later pass
             hidden, _ = layer(hidden, layer.initial_prefixes(hidden), context)
@@ -595,7 +597,7 @@ class TinTModel(TinTPreTrainedModel):
 
     def target_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      train_mask: torch.Tensor | None, loss_mask: torch.Tensor | None,
-                     position_ids: torch.Tensor | None) -> TargetMasks:
+                     position_ids: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> TargetMasks:
         """Masks of the call; without ``train_mask`` the first ``default_train_fraction`` of each sequence's real
         tokens is the training part."""
         if train_mask is None:
@@ -606,14 +608,17 @@ class TinTModel(TinTPreTrainedModel):
         if input_ids.shape[1] > self.spec.max_positions:
             raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds the auxiliary model's "
                              f"{self.spec.max_positions} positions.")
-        return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
+        return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
 
 
 def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One representative row per group of rows identical on their first ``span`` positions (tokens, masks,
-    positions), and each row's group index: (U,), (B,)."""
-    key = torch.cat([input_ids[:, :span], masks.attention_mask[:, :span].long(), masks.train_tokens[:, :span].long(),
-                     masks.train[:, : span - 1].long(), masks.position_ids[:, :span]], dim=1)
+    positions, segments), and each row's group index: (U,), (B,)."""
+    parts = [input_ids[:, :span], masks.attention_mask[:, :span].long(), masks.train_tokens[:, :span].long(),
+             masks.train[:, : span - 1].long(), masks.position_ids[:, :span]]
+    if masks.segment_ids is not None:
+        parts.append(masks.segment_ids[:, :span])
+    key = torch.cat(parts, dim=1)
     _, group = torch.unique(key, dim=0, return_inverse=True)
     rows = torch.zeros(int(group.max()) + 1, dtype=torch.long, device=key.device)
     rows.scatter_(0, group, torch.arange(key.shape[0], device=key.device))
@@ -625,12 +630,16 @@ def _per_row(prefix: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return prefix if prefix.shape[0] == 1 else prefix[group]
 
 
-def _causal_allowed(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) real-token mask -> (B, 1, T, T) causal mask among real tokens (padded rows attend to themselves)."""
+def _causal_allowed(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) real-token mask -> (B, 1, T, T) causal mask among real tokens (padded rows attend to themselves),
+    restricted to each token's own segment when ``segment_ids`` (B, T) is given."""
     T = attention_mask.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
-    return (causal & attention_mask[:, None, None, :].bool()) | eye
+    allowed = causal & attention_mask[:, None, None, :].bool()
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return allowed | eye
 
 
 class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
@@ -652,7 +661,7 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 inner_lr: float | None = None, return_logits_before: bool = False,
-                **kwargs) -> TinTCausalLMOutput:
+                segment_ids: torch.Tensor | None = None, **kwargs) -> TinTCausalLMOutput:
         """One TinT pass: simulate, fine-tune on the training part, predict.
 
         Args:
@@ -663,9 +672,13 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
             labels: (B, T) targets (usually ``input_ids``); the loss is their mean NLL over evaluation targets.
             inner_lr: overrides ``config.inner_lr`` for this call.
             return_logits_before: also return the logits (and loss) of the auxiliary model before the step.
+            segment_ids: (B, T) optional packing of separate sequences into one row (numbered in order): tokens
+                attend within their segment only, positions restart per segment. Demonstrations as training segments
+                and a query as the last, evaluation segment give the single-FT variant in one pass (one step on the
+                summed loss of the separate demonstrations, then the query alone with the updated weights).
         """
         out = self.model(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr,
-                         return_hidden_before=return_logits_before)
+                         return_hidden_before=return_logits_before, segment_ids=segment_ids)
         logits = self.lm_head(out.last_hidden_state)
         logits_before = self.lm_head(out.hidden_state_before) if return_logits_before else None
         loss = loss_before = None

@@ -5,9 +5,14 @@ Conventions (shared by ``TinTForCausalLM``, ``tint_hf.simulate`` and the evaluat
 * ``attention_mask`` (B, T): 1 for real tokens, 0 for padding (either side).
 * ``train_mask`` (B, T): 1 for tokens in the *training part* of the sequence.
 * ``loss_mask`` (B, T), optional: 1 for tokens that count as training targets (e.g. label words only).
+* ``segment_ids`` (B, T), optional: packs several independent sequences into one row. Tokens attend only to earlier
+  tokens of their own segment, positions restart at 0 in each segment, and no target crosses a segment boundary.
+  Numbered in order (non-decreasing along the real tokens of a row). With the training part on some segments and the
+  evaluation part on another, one pass trains on the separate sequences with one summed step, then evaluates the
+  last one alone (the single-FT variant of dynamic evaluation).
 * Logits at position t predict token t+1. Position t has a **training target** if token t+1 is in the training part
   (and in ``loss_mask``), an **evaluation target** if token t+1 is not in the training part; both require tokens t
-  and t+1 to be real. The inner SGD step uses the *summed* loss over training targets.
+  and t+1 to be real (and in the same segment). The inner SGD step uses the *summed* loss over training targets.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class TargetMasks:
     train_tokens: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    segment_ids: torch.Tensor | None = None
 
 
 def _as_bool(name: str, mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
@@ -39,14 +45,22 @@ def _as_bool(name: str, mask: torch.Tensor | None, shape: torch.Size, device: to
     return mask.bool()
 
 
-def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so that left padding does not shift them: (B, T) long."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def default_position_ids(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions that count only real tokens, so that left padding does not shift them, restarting at 0 at every
+    change of ``segment_ids`` when given: (B, T) long."""
+    real = attention_mask.long()
+    seen = real.cumsum(-1)  # real tokens up to and including t
+    if segment_ids is None:
+        return (seen - 1).clamp(min=0)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    before_segment = torch.where(starts, seen - real, 0).cummax(-1).values  # real tokens before t's segment
+    return (seen - before_segment - 1).clamp(min=0)
 
 
 def build_target_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, train_mask: torch.Tensor | None,
-                       loss_mask: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None) -> TargetMasks:
+                       loss_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                       segment_ids: torch.Tensor | None = None) -> TargetMasks:
     """Validate the masks and derive training / evaluation targets."""
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
@@ -62,16 +76,24 @@ def build_target_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     train_tokens = _as_bool("train_mask", train_mask, shape, device) & attention
     loss = _as_bool("loss_mask", loss_mask, shape, device)
     pair_real = attention[:, :-1] & attention[:, 1:]
+    if segment_ids is not None:
+        segment_ids = torch.as_tensor(segment_ids, device=device).long()
+        if segment_ids.shape != shape:
+            raise ValueError(f"`segment_ids` has shape {tuple(segment_ids.shape)}, expected {tuple(shape)}.")
+        if (pair_real & (segment_ids[:, 1:] < segment_ids[:, :-1])).any():
+            raise ValueError("`segment_ids` must be numbered in order (non-decreasing along each row's real tokens): "
+                             "each packed sequence is one contiguous run of tokens.")
+        pair_real = pair_real & (segment_ids[:, 1:] == segment_ids[:, :-1])
     train_targets = pair_real & train_tokens[:, 1:]
     if loss is not None:
         train_targets = train_targets & loss[:, 1:]
     eval_targets = pair_real & ~train_tokens[:, 1:]
     if position_ids is None:
-        position_ids = default_position_ids(attention)
+        position_ids = default_position_ids(attention, segment_ids)
     elif position_ids.shape != shape:
         raise ValueError(f"`position_ids` has shape {tuple(position_ids.shape)}, expected {tuple(shape)}.")
     return TargetMasks(train=train_targets, eval=eval_targets, train_tokens=train_tokens,
-                       attention_mask=attention, position_ids=position_ids)
+                       attention_mask=attention, position_ids=position_ids, segment_ids=segment_ids)
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
