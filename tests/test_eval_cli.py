@@ -56,6 +56,22 @@ def test_eval_writes_consistent_results(checkpoint, tmp_path, capsys):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_single_variant_in_tint_and_dynamic_modes(checkpoint, tmp_path):
+    """`--variant single` reaches both adaptive modes; with TinT's approximations in dynamic mode the two agree on
+    every prediction (the scores themselves are compared in test_eval_scoring)."""
+    out = tmp_path / "single"
+    assert main(["eval", "--model", str(checkpoint), "--tasks", "MR", "--data-dir", str(FIXTURES),
+                 "--modes", "dynamic,tint", "--variant", "single", "--tint-approximations", "--shots", "2",
+                 "--seeds", "1", "--lrs", "0.05", "--n-eval", "8", "--n-dev", "4", "--batch-size", "3", "--quiet",
+                 "--num-prefixes", "8", "--out", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["mode"] for r in runs] == ["dynamic/single/tint-approx", "tint/single"]
+    assert all(r["mode_config"]["variant"] == "single" for r in runs)
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    by_mode = [[p["prediction"] for p in predictions if p["mode"] == r["mode"]] for r in runs]
+    assert by_mode[0] == by_mode[1] and len(by_mode[1]) == 8
+
+
 def test_eval_errors_name_the_fix(checkpoint, tmp_path):
     common = ["eval", "--model", str(checkpoint), "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="choose from"):

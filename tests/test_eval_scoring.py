@@ -135,6 +135,31 @@ def test_tint_mode_agrees_with_dynamic_in_the_tint_approximation_setting(model, 
         assert change > 1e-4 and (exact - simulated).abs().max() < 0.5 * change  # TinT approximates SGD
 
 
+def test_tint_single_variant_agrees_with_dynamic_single_in_the_tint_approximation_setting(model, gpt2_tokenizer):
+    """Single-FT: TinT packs the demonstrations as separate segments in front of each zero-shot prompt; that must
+    equal one approximate step on the summed loss of the separate demonstrations (the rows' tint_step changes
+    summed), then the zero-shot prompt with the updated weights."""
+    from tint_hf.evaluation import FewShotConfig, FewShotEvaluator, ModeConfig
+
+    tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR)
+    approx = Approximations(**tint.config.approximation_kwargs())
+    evaluator = FewShotEvaluator(model, gpt2_tokenizer, FewShotConfig(progress=False, batch_size=3), tint_model=tint)
+    builder = PromptBuilder(gpt2_tokenizer, get_task("MR").template(0))
+    queries = [Example(q, 0) for q in QUERIES]
+    for loss in ("context", "label"):
+        def run(mode, loss=loss, **kwargs):
+            config = ModeConfig(mode, lrs=(LR,), loss=loss, **kwargs)
+            return evaluator.score(config, LR, builder, DEMOS, queries, "t")[0]
+
+        via_tint = run("tint", variant="single")
+        simulated = run("dynamic", variant="single", approximations=approx)
+        exact = run("dynamic", variant="single")
+        zero_shot = score(PlainLM(model), builder, [builder.example_context([], q) for q in QUERIES])
+        torch.testing.assert_close(via_tint, simulated, rtol=0, atol=1e-8)
+        change = (simulated - zero_shot).abs().max()
+        assert change > 1e-4 and (exact - simulated).abs().max() < 0.5 * change  # TinT approximates SGD
+
+
 def test_shared_prefix_length_by_hand():
     ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 9, 1], [5, 6, 7, 8, 2]])
     attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])

@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     proto.add_argument("--loss", choices=["context", "label"], default="context",
                        help="Adaptation loss: every training token, or the demonstrations' label words only.")
     proto.add_argument("--variant", choices=["concatenated", "single"], default="concatenated",
-                       help="dynamic: demos in one sequence (then ICL), or each demo its own row (then zero-shot).")
+                       help="dynamic and tint: demos in one sequence (then ICL), or each demo its own sequence and "
+                            "one summed step (then zero-shot; tint packs them as separate segments).")
     proto.add_argument("--train-on-query", action="store_true",
                        help="The query is part of the training part too (the paper's transductive setting).")
     proto.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
@@ -123,7 +124,7 @@ def load_tint(args: argparse.Namespace, model: nn.Module) -> nn.Module | None:
 def mode_configs(args: argparse.Namespace) -> list[ModeConfig]:
     approx = Approximations() if args.tint_approximations else None
     return [ModeConfig(mode, lrs=args.lrs, n_steps=args.n_steps, n_layers=args.n_layers, loss=args.loss,
-                       variant=args.variant if mode == "dynamic" else "concatenated",
+                       variant=args.variant if mode in ("dynamic", "tint") else "concatenated",
                        approximations=approx if mode == "dynamic" else None, train_on_query=args.train_on_query)
             for mode in args.modes]
 

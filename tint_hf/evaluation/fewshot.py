@@ -37,7 +37,8 @@ class ModeConfig:
         n_steps, n_layers: SGD steps and number of top decoder layers updated (dynamic; TinT fixes them at build).
         loss: ``context`` (every training token) or ``label`` (the demonstrations' label words only).
         variant: ``concatenated`` (demos in one sequence, then ICL with demos in context) or ``single`` (each demo
-            its own row, one shared step, then zero-shot prompts on the updated model; dynamic only).
+            its own sequence, one shared step, then zero-shot prompts on the updated model; dynamic and tint; TinT
+            packs the demonstrations as separate segments in front of each prompt).
         approximations: dynamic only: ``None`` = true SGD, else TinT's approximate step.
         train_on_query: the query tokens also belong to the training part (the paper's transductive setting).
     """
@@ -55,7 +56,7 @@ class ModeConfig:
         checks = [(self.mode in MODES, f"mode={self.mode!r}: use one of {MODES}"),
                   (self.loss in ("context", "label"), f"loss={self.loss!r}: use 'context' or 'label'"),
                   (self.variant in ("concatenated", "single"), f"variant={self.variant!r}: 'concatenated' or 'single'"),
-                  (self.variant == "concatenated" or self.mode == "dynamic", "the single variant is dynamic-only"),
+                  (self.variant == "concatenated" or self.mode != "icl", "the single variant needs dynamic or tint"),
                   (len(self.lrs) > 0, "give at least one learning rate")]
         for ok, message in checks:
             if not ok:
@@ -129,17 +130,20 @@ class FewShotEvaluator:
         label_loss = mode.loss == "label"
         if mode.mode == "icl":
             return PlainLM(self.model), demos
+        single = mode.variant == "single"
+        if single and not demos:
+            return PlainLM(self.model), []
+        rows = None
+        if single:  # each demonstration its own sequence
+            rows = pad_rows([(c.input_ids, c.train_mask, c.label_mask) for c in builder.demonstration_rows(demos)],
+                            self.pad_id)
         if mode.mode == "tint":
             if self.tint_model is None:
                 raise ValueError("The tint mode needs a TinT model (tint_model=...; `--tint-model` on the CLI).")
-            return TinTForward(self.tint_model, lr, label_loss), demos
+            return TinTForward(self.tint_model, lr, label_loss, demonstrations=rows), [] if single else demos
         sgd = DynamicSGD(self.model, lr, mode.n_steps, mode.n_layers, label_loss, mode.approximations)
-        if mode.variant == "concatenated":
+        if not single:
             return sgd, demos
-        if not demos:
-            return PlainLM(self.model), []
-        rows = pad_rows([(c.input_ids, c.train_mask, c.label_mask) for c in builder.demonstration_rows(demos)],
-                        self.pad_id)
         return PlainLM(self.model, sgd.update(rows.input_ids, rows.attention_mask, rows.train_mask, rows.loss_mask)), []
 
     def _reference_contexts(self, builder: PromptBuilder, demos: Sequence[Example]) -> list[Context]:

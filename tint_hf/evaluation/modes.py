@@ -10,7 +10,8 @@ Every mode gets the same :class:`Batch` (right-padded ``input_ids``, ``attention
   ``approximations=None`` is true SGD (:func:`tint_hf.simulate.sgd_update`, any HF causal LM); an
   :class:`~tint_hf.simulate.Approximations` uses TinT's approximate step (:func:`tint_hf.simulate.tint_step`).
 * :class:`TinTForward` (``tint``): one forward of a model whose ``forward`` takes ``train_mask`` and ``loss_mask``
-  (:class:`tint_hf.TinTForCausalLM`), which adapts internally.
+  (:class:`tint_hf.TinTForCausalLM`), which adapts internally. With ``demonstrations`` (the single-FT variant) each
+  row is packed behind the demonstrations as separate segments: one step on their summed loss, then the row alone.
 
 The training loss only depends on tokens up to the last training target (causal attention), so rows that share that
 prefix share the update. :class:`DynamicSGD` computes it once per distinct prefix and keeps the latest one: with
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -139,12 +141,15 @@ class DynamicSGD:
         if self.approximations is None:
             return sgd_update(self.model, input_ids, attention_mask, train_mask, loss_mask, per_sequence=not shared,
                               **kwargs)
-        if shared and input_ids.shape[0] > 1:
-            raise ValueError("TinT's approximate step is per sequence; the single-FT variant (one shared step over "
-                             "separate demonstrations) needs approximations=None (true SGD).")
         out = tint_step(self.model, input_ids, attention_mask, train_mask, loss_mask, approximations=self.approximations,
                         return_params=True, **kwargs)
-        return {name: tensor[0] for name, tensor in out.params.items()}
+        if not shared:
+            return out.params
+        # One step on the summed loss of the rows: TinT's approximate gradient is a sum over training tokens, so the
+        # shared change is the sum of the rows' changes.
+        original = dict(self.model.named_parameters())
+        return {name: original[name].detach() + (rows - original[name].detach()).sum(0)
+                for name, rows in out.params.items()}
 
     def _row_params(self, batch: Batch, b: int) -> dict[str, torch.Tensor]:
         n = self._training_prefix(batch, b)
@@ -179,15 +184,37 @@ class TinTForward:
 
     name = "tint"
 
-    def __init__(self, model: nn.Module, inner_lr: float | None = None, label_loss: bool = False):
+    def __init__(self, model: nn.Module, inner_lr: float | None = None, label_loss: bool = False,
+                 demonstrations: Batch | None = None):
+        """``demonstrations``: right-padded rows (one per demonstration, fully in the training part) for the single-FT
+        variant; their real tokens are packed as segments 0..k-1 in front of every scored row (segment k)."""
         if not accepts_training_masks(model):
             raise TypeError(f"{type(model).__name__}.forward takes no `train_mask`: the tint mode needs a TinT model "
                             f"(tint_hf.TinTForCausalLM, e.g. built with `tint-hf build`). Use icl or dynamic instead.")
         self.model, self.inner_lr, self.label_loss = model, inner_lr, label_loss
+        self.packed = None if demonstrations is None else _pack_segments(demonstrations)
 
     def logits(self, batch: Batch) -> torch.Tensor:
+        segment_ids, skip = None, 0
+        if self.packed is not None:
+            demos, demo_segments = self.packed
+            rows, skip = batch.input_ids.shape[0], demos.input_ids.shape[1]
+            batch = Batch(*(torch.cat([d.to(b.device).expand(rows, -1), b], dim=1)
+                            for d, b in zip((demos.input_ids, demos.attention_mask, demos.train_mask, demos.loss_mask),
+                                            (batch.input_ids, batch.attention_mask, batch.train_mask, batch.loss_mask))))
+            last = int(demo_segments.max()) + 1
+            segment_ids = F.pad(demo_segments.to(batch.input_ids.device), (0, batch.input_ids.shape[1] - skip),
+                                value=last).expand(rows, -1)
         with torch.no_grad():
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
-                             inner_lr=self.inner_lr)
-        return out.logits
+                             inner_lr=self.inner_lr, segment_ids=segment_ids)
+        return out.logits[:, skip:]
+
+
+def _pack_segments(rows: Batch) -> tuple[Batch, torch.Tensor]:
+    """The real tokens of right-padded rows laid end to end as one row (1, P), and their segment ids (1, P)."""
+    real = rows.attention_mask.bool()
+    packed = Batch(*(t[real][None] for t in (rows.input_ids, rows.attention_mask, rows.train_mask, rows.loss_mask)))
+    segments = torch.arange(real.shape[0])[:, None].expand_as(real)[real][None]
+    return packed, segments
