@@ -156,6 +156,8 @@ def test_tint_single_variant_agrees_with_dynamic_single_in_the_tint_approximatio
         exact = run("dynamic", variant="single")
         zero_shot = score(PlainLM(model), builder, [builder.example_context([], q) for q in QUERIES])
         torch.testing.assert_close(via_tint, simulated, rtol=0, atol=1e-8)
+        with pytest.raises(ValueError, match="demonstrations only"):
+            ModeConfig("tint", variant="single", train_on_query=True)
         change = (simulated - zero_shot).abs().max()
         assert change > 1e-4 and (exact - simulated).abs().max() < 0.5 * change  # TinT approximates SGD
 

@@ -57,6 +57,8 @@ class ModeConfig:
                   (self.loss in ("context", "label"), f"loss={self.loss!r}: use 'context' or 'label'"),
                   (self.variant in ("concatenated", "single"), f"variant={self.variant!r}: 'concatenated' or 'single'"),
                   (self.variant == "concatenated" or self.mode != "icl", "the single variant needs dynamic or tint"),
+                  (self.variant == "concatenated" or not self.train_on_query,
+                   "the single variant trains on the demonstrations only; drop train_on_query (--train-on-query)"),
                   (len(self.lrs) > 0, "give at least one learning rate")]
         for ok, message in checks:
             if not ok:
