@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 
-from tint_hf.cli import main
+from tint_hf.cli import console_main, main
 from tint_hf.evaluation import disjoint_subsets, get_task, load_examples
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
@@ -72,7 +72,7 @@ def test_single_variant_in_tint_and_dynamic_modes(checkpoint, tmp_path):
     assert by_mode[0] == by_mode[1] and len(by_mode[1]) == 8
 
 
-def test_eval_errors_name_the_fix(checkpoint, tmp_path):
+def test_eval_errors_name_the_fix(checkpoint, tmp_path, capsys):
     common = ["eval", "--model", str(checkpoint), "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="choose from"):
         main(common + ["--tasks", "MR", "--modes", "magic"])
@@ -80,6 +80,9 @@ def test_eval_errors_name_the_fix(checkpoint, tmp_path):
         main(common + ["--tasks", "IMDB", "--data-dir", str(FIXTURES)])
     with pytest.raises(ValueError, match="prepare-data"):
         main(common + ["--tasks", "CR", "--data-dir", str(FIXTURES)])
+    # the executable reports the same errors as one line, no traceback
+    assert console_main(common + ["--tasks", "IMDB", "--data-dir", str(FIXTURES)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("tint-hf: error: Unknown task 'IMDB'")
 
 
 def test_ppl_dynamic_with_zero_lr_equals_the_model_as_is(checkpoint, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS: dict[str, str] = {
@@ -35,5 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(args) or 0)
 
 
+USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, ImportError)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``tint-hf`` executable: :func:`main`, with errors in the user's input (bad values, unknown names, missing
+    files or packages) reported as one ``tint-hf: error: ...`` line and exit status 2 instead of a traceback.
+    ``TINT_HF_TRACEBACK=1`` shows the traceback."""
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        if os.environ.get("TINT_HF_TRACEBACK"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"tint-hf: error: {message} (TINT_HF_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
