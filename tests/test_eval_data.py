@@ -98,6 +98,8 @@ def test_registry_holds_the_paper_templates():
     for name in ("SST2", "MR", "CR", "MPQA", "Subj", "AGNews", "AmazonPolarity", "YelpPolarity"):
         task = get_task(name)
         assert all(len(t.verbalizer) == task.num_classes for t in task.templates.values())
+        assert task.hub.text_field in task.text_fields and task.paper_note
+    assert get_task("ag_news") is get_task("AGNews") and get_task("amazon") is get_task("AmazonPolarity")
     register_template("MR", 9, Template("Movie: {text}\nVerdict:", ("bad", "good"), "\nVerdict:"))
     assert get_task("MR").template(9).label_text(0) == " bad"
     with pytest.raises(ValueError, match="needs 2 label words"):
@@ -166,3 +168,57 @@ def test_bos_follows_the_tokenizer_unless_forced(gpt2_tokenizer):
     assert PromptBuilder(gpt2_tokenizer, template).example_context([], "x").input_ids[0] != gpt2_tokenizer.bos_token_id
     forced = PromptBuilder(gpt2_tokenizer, template, add_bos=True).example_context(DEMOS, "x")
     assert forced.input_ids[0] == gpt2_tokenizer.bos_token_id and forced.train_mask[0] == 1
+
+
+def _write_hub_copy(root: Path, task_name: str) -> dict[str, list[Example]]:
+    """A local folder laid out like the task's Hub dataset repo (parquet shards, config metadata in README.md, the
+    repo's own column names), and the examples each of our splits must read from it."""
+    from datasets import Dataset
+
+    def shard(path: Path, columns: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Dataset.from_dict(columns).to_parquet(str(path))
+
+    if task_name == "SST2":  # nyu-mll/glue: one folder per config, declared in the README's YAML header
+        shard(root / "sst2" / "train-00000-of-00001.parquet",
+              {"sentence": ["a gem ", "dull"], "label": [1, 0], "idx": [0, 1]})
+        shard(root / "sst2" / "validation-00000-of-00001.parquet",
+              {"sentence": ["fine  work"], "label": [1], "idx": [0]})
+        shard(root / "sst2" / "test-00000-of-00001.parquet", {"sentence": ["hidden"], "label": [-1], "idx": [0]})
+        shard(root / "cola" / "train-00000-of-00001.parquet", {"sentence": ["other config"], "label": [5], "idx": [0]})
+        splits = {"cola": ("train",), "sst2": ("train", "validation", "test")}
+        configs = "".join(f"- config_name: {name}\n  data_files:\n"
+                          + "".join(f"  - split: {s}\n    path: {name}/{s}-*\n" for s in names)
+                          for name, names in splits.items())
+        (root / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+        return {"train": [Example("a gem", 1), Example("dull", 0)], "eval": [Example("fine work", 1)]}
+    if task_name == "AmazonPolarity":  # fancyzhx/amazon_polarity: default config, title + content columns
+        shard(root / "data" / "train-00000-of-00001.parquet",
+              {"label": [0, 1], "title": ["t1", "t2"], "content": ["broke fast", "love it"]})
+        shard(root / "data" / "test-00000-of-00001.parquet", {"label": [1], "title": ["t3"], "content": ["works"]})
+        return {"train": [Example("broke fast", 0), Example("love it", 1)], "eval": [Example("works", 1)]}
+    # fancyzhx/ag_news: four classes
+    shard(root / "data" / "train-00000-of-00001.parquet", {"text": ["goal!", "stocks up"], "label": [1, 2]})
+    shard(root / "data" / "test-00000-of-00001.parquet", {"text": ["new chip"], "label": [3]})
+    return {"train": [Example("goal!", 1), Example("stocks up", 2)], "eval": [Example("new chip", 3)]}
+
+
+@pytest.mark.parametrize("task_name", ["SST2", "AmazonPolarity", "AGNews"])
+def test_hub_source_loads_through_datasets_from_a_local_copy(tmp_path, monkeypatch, task_name):
+    """The --hub path is datasets.load_dataset(repo, config, split): run it on a local folder laid out like the repo
+    (the Hub itself is unreachable here), with the task's config, split names and text column."""
+    import dataclasses
+
+    from tint_hf.cli import main
+
+    task = get_task(task_name)
+    expected = _write_hub_copy(tmp_path / "repo", task_name)
+    monkeypatch.setattr(task, "hub", dataclasses.replace(task.hub, path=str(tmp_path / "repo")))
+    for split in ("train", "eval"):
+        assert load_examples(task, split, hub=True) == expected[split]
+    assert main(["prepare-data", "--tasks", task_name, "--hub", "--out", str(tmp_path / "out")]) == 0
+    for split in ("train", "eval"):
+        assert load_examples(task, split, data_dir=tmp_path / "out") == expected[split]
+    monkeypatch.setattr(task, "hub", dataclasses.replace(task.hub, path=str(tmp_path / "missing")))
+    with pytest.raises(DataError, match="prepare-data"):
+        load_examples(task, "train", hub=True)

@@ -144,6 +144,7 @@ def load_examples(task: Task, split: str, *, data_dir: str | Path | None = None,
         rows, source = _find_local(task, split, Path(data_dir)), f"{data_dir}/{task.name} ({split})"
     elif hub:
         rows, source = _read_hub(task, split), f"{task.hub.path} ({split})"
+        text_field = text_field or task.hub.text_field
     else:
         raise DataError(f"No data source for {task.name}: pass --data-dir DIR (see `tint-hf prepare-data`), "
                         f"--train-file/--eval-file, or --hub to download from the HF Hub.")

@@ -148,7 +148,7 @@ register_task(Task(
     "Subj", ("objective", "subjective"),
     {0: Template(_SUBJ_PROMPT, ("objective", "subjective"), " This is"),
      1: Template(_SUBJ_PROMPT, ("@", "#"), " This is")},
-    HubSource("SetFit/subj", None, "train", "test", "text"), "Pang & Lee subjectivity."))
+    HubSource("SetFit/subj", None, "train", "test", "text"), paper_note="Pang & Lee subjectivity."))
 register_task(Task(
     "AGNews", ("world", "sports", "business", "technology"),
     {0: Template(_AGNEWS_PROMPT, ("World", "Sports", "Business", "Technology"), " Answer:"),
@@ -157,4 +157,4 @@ register_task(Task(
                  ("World politics", "Sports", "Business", "Science and technology"),
                  " What label best describes this news article?")},
     HubSource("fancyzhx/ag_news", None, "train", "test", "text"),
-    "The paper uses a length-filtered copy (not published).", ("ag_news",)))
+    paper_note="The paper uses a length-filtered copy (not published).", aliases=("ag_news",)))
