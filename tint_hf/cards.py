@@ -166,6 +166,11 @@ or install the `tint_hf` package and `import tint_hf` before `from_pretrained` (
 {% if kind == "tint" %}The finite-difference backward (`backward="fd"`) computes `N (f(x + g / N) - f(x))` with
 N = {{ fd_scale }}; for bfloat16 / float16 activations it evaluates that difference in float32, so bfloat16 weights
 or autocast keep the logit change within a few percent of float64 (`test_bfloat16_weights_keep_the_step`).
+
+Several sequences can share one pass: `segment_ids` (batch, seq_len), numbered in order, keeps attention and targets
+inside each segment and restarts positions. With demonstrations as training segments and a prompt as the last,
+evaluation segment, the step is one SGD step on the summed loss of the separate demonstrations, after which the
+prompt is read alone (the single-FT variant; `tint-hf eval --modes tint --variant single`).
 {% endif %}
 ## How it was built
 
