@@ -190,6 +190,19 @@ def test_segments_give_the_single_ft_step_in_one_pass(family):
     with pytest.raises(ValueError, match="numbered in order"):
         tint(ids, None, train, segment_ids=segments.flip(-1))
 
+    # logits_to_keep: the query segment alone in the output pass, same logits and loss as the full call's
+    calls = []
+    original_pass = tint.model._simulated_forward
+    tint.model._simulated_forward = lambda hidden, *rest: calls.append(hidden.shape[1]) or original_pass(hidden, *rest)
+    tail = tint(ids, None, train, segment_ids=segments, labels=ids, logits_to_keep=query.shape[1])
+    del tint.model._simulated_forward
+    assert calls[-1] == query.shape[1] and max(calls) < ids.shape[1]  # the step pass covers the demonstrations only
+    assert rel(tail.logits, got) < 1e-12
+    assert tail.loss.item() == pytest.approx(tint(ids, None, train, segment_ids=segments, labels=ids).loss.item(),
+                                             rel=1e-12)
+    unsegmented = tint(ids, None, train)  # no segments: every position is still needed, the tail is sliced
+    assert rel(tint(ids, None, train, logits_to_keep=4).logits, unsegmented.logits[:, -4:]) < 1e-12
+
 
 def test_default_train_mask_is_the_first_fraction_of_real_tokens():
     _, tint = build("gpt2", default_train_fraction=0.5)

@@ -195,21 +195,20 @@ class TinTForward:
         self.packed = None if demonstrations is None else _pack_segments(demonstrations)
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        segment_ids, skip = None, 0
+        segment_ids, keep = None, 0
         if self.packed is not None:
             demos, demo_segments = self.packed
-            rows, skip = batch.input_ids.shape[0], demos.input_ids.shape[1]
+            rows, keep = batch.input_ids.shape
             batch = Batch(*(torch.cat([d.to(b.device).expand(rows, -1), b], dim=1)
                             for d, b in zip((demos.input_ids, demos.attention_mask, demos.train_mask, demos.loss_mask),
                                             (batch.input_ids, batch.attention_mask, batch.train_mask, batch.loss_mask))))
             last = int(demo_segments.max()) + 1
-            segment_ids = F.pad(demo_segments.to(batch.input_ids.device), (0, batch.input_ids.shape[1] - skip),
-                                value=last).expand(rows, -1)
+            segment_ids = F.pad(demo_segments.to(batch.input_ids.device), (0, keep), value=last).expand(rows, -1)
         with torch.no_grad():
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
-                             inner_lr=self.inner_lr, segment_ids=segment_ids)
-        return out.logits[:, skip:]
+                             inner_lr=self.inner_lr, segment_ids=segment_ids, logits_to_keep=keep)
+        return out.logits  # the scored rows only: the output pass skips the demonstrations
 
 
 def _pack_segments(rows: Batch) -> tuple[Batch, torch.Tensor]:

@@ -333,6 +333,12 @@ class StepContext:
         return StepContext(allowed=self.allowed[rows, :, :span, :span], train_tokens=self.train_tokens[rows, :span],
                            token_lr=self.token_lr[rows, :span], rotary=rotary)
 
+    def window(self, start: int) -> StepContext:
+        """The context of positions ``start:`` alone (exact only if they attend to nothing before ``start``)."""
+        rotary = None if self.rotary is None else tuple(t[:, :, start:] for t in self.rotary)
+        return StepContext(allowed=self.allowed[:, :, start:, start:], train_tokens=self.train_tokens[:, start:],
+                           token_lr=self.token_lr[:, start:], rotary=rotary)
+
 
 class TinTPrefixes(nn.Module):
     """One layer's prefix embeddings, one parameter per slot. TinT reads them by *calling* this module, which is
@@ -542,8 +548,9 @@ class TinTModel(TinTPreTrainedModel):
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, inner_lr: float | None = None,
                 return_hidden_before: bool = False, segment_ids: torch.Tensor | None = None,
-                **kwargs) -> TinTModelOutput:
+                keep_last: int = 0, **kwargs) -> TinTModelOutput:
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
+        start = _window_start(masks, keep_last)
         lr = self.config.inner_lr if inner_lr is None else inner_lr
         n, L = self.config.n_simulation_layers, self.spec.num_layers
         hidden = self.embed_tokens(input_ids)
@@ -562,7 +569,7 @@ class TinTModel(TinTPreTrainedModel):
         final_prefix = self.final_norm_prefix.unsqueeze(0)
         hidden_before = None
         if return_hidden_before:
-            hidden_before = self._simulated_forward(continued, prefixes, final_prefix, context)[0]
+            hidden_before = self._output_pass(continued, prefixes, final_prefix, context, start)
         # The training loss depends only on the positions up to its last target (causal attention), and rows that
         # agree there receive the same update: the step runs once per distinct leading span (exact, and for a batch
         # of prompts sharing their demonstrations, once in all), then every row reads its group's prefixes.
@@ -582,8 +589,14 @@ class TinTModel(TinTPreTrainedModel):
                     grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
             final_prefix = _per_row(final_prefix, group)
             prefixes = [{slot: _per_row(p, group) for slot, p in layer.items()} for layer in prefixes]
-        y, _, _, _ = self._simulated_forward(continued, prefixes, final_prefix, context)
-        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before, eval_targets=masks.eval)
+        y = self._output_pass(continued, prefixes, final_prefix, context, start)
+        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before, eval_targets=masks.eval[:, start:])
+
+    def _output_pass(self, hidden, prefixes, final_prefix, context, start: int) -> torch.Tensor:
+        """Final-LN outputs of positions ``start:``; when earlier segments are not needed, only those positions run."""
+        if start > 0 and _segments_end_at(context, start):
+            return self._simulated_forward(hidden[:, start:], prefixes, final_prefix, context.window(start))[0]
+        return self._simulated_forward(hidden, prefixes, final_prefix, context)[0][:, start:]
 
     def _simulated_forward(self, hidden, prefixes, final_prefix, context):
         """The top layers (those the step updates) and the final LN, keeping each block's memory."""
@@ -625,6 +638,19 @@ def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int) -> tu
     return rows, group
 
 
+def _window_start(masks: TargetMasks, keep_last: int) -> int:
+    """First position whose output is returned: ``T - keep_last`` (every position for 0)."""
+    length = masks.train_tokens.shape[1]
+    if keep_last < 0:
+        raise ValueError(f"logits_to_keep must be >= 0 (0 keeps every position), got {keep_last}.")
+    return length - keep_last if 0 < keep_last < length else 0
+
+
+def _segments_end_at(context: StepContext, start: int) -> bool:
+    """Whether no position from ``start`` on attends to one before it (packed segments ending there)."""
+    return not context.allowed[:, :, start:, :start].any()
+
+
 def _per_row(prefix: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Prefixes of the U groups (U, ...) -> of the B rows; shared ones (leading dim 1) stay shared."""
     return prefix if prefix.shape[0] == 1 else prefix[group]
@@ -661,7 +687,8 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 inner_lr: float | None = None, return_logits_before: bool = False,
-                segment_ids: torch.Tensor | None = None, **kwargs) -> TinTCausalLMOutput:
+                segment_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                **kwargs) -> TinTCausalLMOutput:
         """One TinT pass: simulate, fine-tune on the training part, predict.
 
         Args:
@@ -676,13 +703,16 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 attend within their segment only, positions restart per segment. Demonstrations as training segments
                 and a query as the last, evaluation segment give the single-FT variant in one pass (one step on the
                 summed loss of the separate demonstrations, then the query alone with the updated weights).
+            logits_to_keep: return the logits of the last ``logits_to_keep`` positions only (0: all), and the loss on
+                them. When those positions form whole segments, the output pass runs on them alone.
         """
         out = self.model(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr,
-                         return_hidden_before=return_logits_before, segment_ids=segment_ids)
+                         return_hidden_before=return_logits_before, segment_ids=segment_ids, keep_last=logits_to_keep)
         logits = self.lm_head(out.last_hidden_state)
         logits_before = self.lm_head(out.hidden_state_before) if return_logits_before else None
         loss = loss_before = None
         if labels is not None:
+            labels = labels[:, input_ids.shape[1] - logits.shape[1]:]
             loss = _eval_loss(logits, labels, out.eval_targets)
             if logits_before is not None:
                 loss_before = _eval_loss(logits_before, labels, out.eval_targets)

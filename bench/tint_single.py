@@ -1,0 +1,72 @@
+"""Cost of the single-FT variant in one TinT pass against explicit single-FT dynamic evaluation, in the same run.
+
+    python bench/tint_single.py                     # OPT-125M shapes, random weights, CPU
+    python bench/tint_single.py --device cuda
+
+A batch of B zero-shot prompts (Lq tokens each) after k demonstrations (Ld tokens each), as the evaluation's tint
+mode runs it: the demonstrations packed as segments in front of every prompt (``segment_ids``). Timed: the TinT
+pass returning every position's logits (``logits_to_keep=0``), the same pass returning the prompts' logits only (the
+output pass then skips the demonstrations), and explicit dynamic evaluation (``sgd_update`` on the k demonstration
+rows, one step on their summed loss, then a forward of the prompts with the updated weights). Ratios are to the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import median_time, opt_125m_config
+from transformers import OPTForCausalLM
+
+from tint_hf import TinTForCausalLM
+from tint_hf.simulate import forward_with_params, sgd_update
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--demos", type=int, default=4, help="k demonstrations")
+    parser.add_argument("--demo-len", type=int, default=24, help="tokens per demonstration")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per batch")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    aux = OPTForCausalLM(opt_125m_config()).to(args.device).eval()
+    tint = TinTForCausalLM.from_auxiliary(aux, num_prefixes=256, inner_lr=args.lr).to(args.device)
+
+    def randint(*shape):
+        return torch.randint(3, aux.config.vocab_size, shape, device=args.device)
+
+    demos, prompts = randint(args.demos, args.demo_len), randint(args.batch, args.prompt_len)
+    packed = torch.cat([demos.flatten()[None].expand(args.batch, -1), prompts], dim=1)
+    segments = torch.arange(args.demos + 1, device=args.device).repeat_interleave(
+        torch.tensor([args.demo_len] * args.demos + [args.prompt_len], device=args.device))[None].expand_as(packed)
+    train = (segments < args.demos).long()
+
+    @torch.no_grad()
+    def tint_pass(keep: int) -> torch.Tensor:
+        return tint(packed, None, train, segment_ids=segments, logits_to_keep=keep).logits
+
+    def dynamic() -> torch.Tensor:
+        params = sgd_update(aux, demos, None, torch.ones_like(demos), lr=args.lr, per_sequence=False)
+        with torch.no_grad():
+            return forward_with_params(aux, params, prompts)
+
+    full = tint_pass(0)[:, -args.prompt_len:]
+    assert torch.allclose(tint_pass(args.prompt_len), full, atol=1e-4, rtol=1e-4)
+    timings = {
+        "TinT pass, every position's logits": median_time(lambda: tint_pass(0), args.device, args.repeats),
+        "TinT pass, prompts' logits only": median_time(lambda: tint_pass(args.prompt_len), args.device, args.repeats),
+        "dynamic evaluation (sgd_update + forward)": median_time(dynamic, args.device, args.repeats),
+    }
+    baseline = timings["dynamic evaluation (sgd_update + forward)"]
+    print(f"OPT-125M shapes, fp32, device={args.device}, threads={torch.get_num_threads()}: k={args.demos} x "
+          f"{args.demo_len} demonstration tokens, B={args.batch} prompts x {args.prompt_len} tokens, lr={args.lr}")
+    for name, seconds in timings.items():
+        print(f"  {name:<44} {seconds:7.2f} s   {seconds / baseline:5.2f}x dynamic")
+
+
+if __name__ == "__main__":
+    main()
