@@ -149,6 +149,9 @@ def test_gd_is_gated_linear_attention():
     q, k, v, lam, g, beta = make_inputs(length=29)
     o, _ = chunk_mesa(q, k, v, lam, g, beta, solver="gd", chunk_size=8)
     assert (o - gated_linear_attention(q, k, v, g, beta)).abs().max() < 1e-12
+    h0, s0 = random_state(2, 2, 8, 6)
+    _, (h, s) = chunk_mesa(q, k, v, lam, g, beta, (h0, s0), solver="gd", chunk_size=8)
+    assert h is None and s.shape == s0.shape  # gd keeps S only
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg"])

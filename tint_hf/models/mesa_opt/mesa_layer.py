@@ -330,7 +330,9 @@ def chunk_mesa(
         h_state, s_state = initial_state if initial_state is not None else (None, None)
         s_state = q.new_zeros(batch, heads, d_k, d_v) if s_state is None else s_state.to(dtype)
         targets, initial = v, s_state
-        if keep_h:
+        if not keep_h:
+            h_state = None  # "gd" keeps no H: its state is (None, S) whatever it was given
+        else:
             h_state = q.new_zeros(batch, heads, d_k, d_k) if h_state is None else h_state.to(dtype)
             targets, initial = torch.cat([k, v], dim=-1), torch.cat([h_state, s_state], dim=-1)
         states = _states_before_chunks(k_to_end.mT @ targets, b[..., -1], initial)
