@@ -43,6 +43,10 @@ class Batch:
     train_mask: torch.Tensor
     loss_mask: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The four fields in order, e.g. to build a new Batch field by field."""
+        return self.input_ids, self.attention_mask, self.train_mask, self.loss_mask
+
 
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
     """Number of leading tokens that every row shares, leaving each row at least one token of its own."""
@@ -200,8 +204,7 @@ class TinTForward:
             demos, demo_segments = self.packed
             rows, keep = batch.input_ids.shape
             batch = Batch(*(torch.cat([d.to(b.device).expand(rows, -1), b], dim=1)
-                            for d, b in zip((demos.input_ids, demos.attention_mask, demos.train_mask, demos.loss_mask),
-                                            (batch.input_ids, batch.attention_mask, batch.train_mask, batch.loss_mask))))
+                            for d, b in zip(demos.tensors(), batch.tensors())))
             last = int(demo_segments.max()) + 1
             segment_ids = F.pad(demo_segments.to(batch.input_ids.device), (0, keep), value=last).expand(rows, -1)
         with torch.no_grad():
@@ -214,6 +217,6 @@ class TinTForward:
 def _pack_segments(rows: Batch) -> tuple[Batch, torch.Tensor]:
     """The real tokens of right-padded rows laid end to end as one row (1, P), and their segment ids (1, P)."""
     real = rows.attention_mask.bool()
-    packed = Batch(*(t[real][None] for t in (rows.input_ids, rows.attention_mask, rows.train_mask, rows.loss_mask)))
+    packed = Batch(*(t[real][None] for t in rows.tensors()))
     segments = torch.arange(real.shape[0])[:, None].expand_as(real)[real][None]
     return packed, segments
