@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 import tint_hf
 from tint_hf.assets import load_gpt2_tokenizer, sample_text
+from tint_hf.training import DecayAwareTrainer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -149,8 +150,8 @@ def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArgumen
 def make_trainer(model: PreTrainedModel, tokenizer, data: DatasetDict, args: argparse.Namespace,
                  **training_overrides) -> Trainer:
     """A ``Trainer`` for ``model`` on ``data`` with the command-line settings (``training_overrides`` win)."""
-    return Trainer(model=model, args=training_arguments(args, **training_overrides), train_dataset=data["train"],
-                   eval_dataset=data["eval"], processing_class=tokenizer)
+    return DecayAwareTrainer(model=model, args=training_arguments(args, **training_overrides),
+                             train_dataset=data["train"], eval_dataset=data["eval"], processing_class=tokenizer)
 
 
 def run_training(model: PreTrainedModel, tokenizer, data: DatasetDict, args: argparse.Namespace) -> Trainer:

@@ -88,11 +88,11 @@ def test_prefill_then_decode_equals_full_forward(mesa_kwargs):
     full = model(ids, attention_mask=mask).logits
     prefill = 5
     out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     pieces = [out.logits]
     # one token at a time (recurrent step), then a 3-token block from the cached state (chunked form)
     for lo, hi in [(t, t + 1) for t in range(prefill, 9)] + [(9, 12)]:
-        out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
+        out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], cache=cache, use_cache=True)
         pieces.append(out.logits)
     real = mask.bool()
     assert (torch.cat(pieces, dim=1) - full)[real].abs().max() < 1e-10
@@ -108,9 +108,9 @@ def test_float32_decode_matches_full_forward():
     out = model(ids[:, :3], attention_mask=mask[:, :3], use_cache=True)
     pieces = [out.logits]
     for t in range(3, 12):
-        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache)
         pieces.append(out.logits)
-    assert out.past_key_values.layers[0].s_state.dtype == torch.float32
+    assert out.cache.layers[0].s_state.dtype == torch.float32
     assert (torch.cat(pieces, dim=1) - full)[mask.bool()].abs().max() < 1e-4
 
 
@@ -157,7 +157,7 @@ def test_assisted_decoding_is_refused():
     ids, mask = batch_with_left_padding()
     with pytest.raises(ValueError, match="stateful"):
         model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, assistant_model=mesa_model())
-    cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    cache = model(ids, attention_mask=mask, use_cache=True).cache
     with pytest.raises(NotImplementedError):
         cache.crop(-1)
 
@@ -165,8 +165,8 @@ def test_assisted_decoding_is_refused():
 def test_user_cache_without_mesa_layers_is_replaced_when_empty():
     model = mesa_model(mesa_layers=[0])
     ids, _ = batch_with_left_padding()
-    out = model(ids, past_key_values=DynamicCache(), use_cache=True)
-    assert isinstance(out.past_key_values.layers[0], MesaStateLayer)
+    out = model(ids, cache=DynamicCache(), use_cache=True)
+    assert isinstance(out.cache.layers[0], MesaStateLayer)
 
 
 def test_bfloat16_model_keeps_float32_state():
@@ -174,7 +174,7 @@ def test_bfloat16_model_keeps_float32_state():
     ids, mask = batch_with_left_padding()
     out = model(ids, attention_mask=mask, use_cache=True)
     assert out.logits.dtype == torch.bfloat16 and out.logits.isfinite().all()
-    layer = out.past_key_values.layers[0]
+    layer = out.cache.layers[0]
     assert layer.h_state.dtype == layer.s_state.dtype == torch.float32
 
 
@@ -280,3 +280,64 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_hidden_states_match_opt_and_return_dict_false_gives_a_tuple():
+    opt = tiny_opt()
+    model = mesa_model(opt, mesa_layers=[])
+    ids, mask = batch_with_left_padding()
+    ref = opt(ids, attention_mask=mask, output_hidden_states=True)
+    out = model(ids, attention_mask=mask, output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == opt.config.num_hidden_layers + 1
+    for mine, theirs in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    as_tuple = model(ids, attention_mask=mask, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
+
+
+def test_training_builds_no_cache_and_unknown_arguments_raise():
+    model = mesa_model(mesa_layers=[0])
+    ids, mask = batch_with_left_padding()
+    assert model.eval()(ids, attention_mask=mask).cache is not None  # config.use_cache at inference
+    assert model.train()(ids, attention_mask=mask).cache is None
+    model.eval()
+    with pytest.raises(TypeError, match="cache="):
+        model(ids, past_key_values=DynamicCache())
+    with pytest.raises(TypeError, match="seq_idx"):
+        model(ids, seq_idx=torch.zeros_like(ids))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, output_attentions=True)
+
+
+def test_a_cache_reused_with_another_batch_size_raises():
+    model = mesa_model(mesa_layers=[0])
+    ids, mask = batch_with_left_padding()
+    cache = model(ids, attention_mask=mask, use_cache=True).cache
+    with pytest.raises(ValueError, match="fresh cache"):
+        model(ids[:2, :1], attention_mask=torch.ones(2, 13, dtype=torch.long), cache=cache)
+
+
+def test_bad_inputs_name_the_argument():
+    model = mesa_model(mesa_layers=[0])
+    ids, mask = batch_with_left_padding()
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(ids.clamp(max=model.config.vocab_size - 1) + 1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.randint(3, 60, (1, model.config.max_position_embeddings + 1)))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(ids, attention_mask=mask[:, 1:])
+
+
+@pytest.mark.parametrize("layers", [[5], [-3], "some"])
+def test_mesa_layers_outside_the_model_raise(layers):
+    with pytest.raises(ValueError, match="mesa_layers"):
+        MesaOPTConfig(num_hidden_layers=2, mesa_layers=layers)
+
+
+@pytest.mark.parametrize("solver", ["gd", "cg1", "exact"])
+def test_fla_backend_refuses_solvers_it_does_not_implement(solver):
+    with pytest.raises(ValueError, match="only mesa_solver='cg'"):
+        MesaOPTConfig(mesa_backend="fla", mesa_solver=solver)
+    assert MesaOPTConfig(mesa_backend="auto", mesa_solver=solver).mesa_solver == solver  # auto falls back to torch

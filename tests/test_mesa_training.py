@@ -144,3 +144,24 @@ def test_lora_on_mesa_projections_trains_saves_and_reloads(tmp_path):
     torch.testing.assert_close(reloaded(held_out).logits, model.eval()(held_out).logits, rtol=0, atol=0)
     base = small_mesa_lm()
     assert held_out_loss(base, held_out) == before  # the base weights were left untouched
+
+
+def test_ridge_lambda_is_kept_out_of_weight_decay(tmp_path):
+    """The stock Trainer decays lambda_params (its name is no bias or norm); DecayAwareTrainer does not, with or
+    without a peft wrapper, and still decays the projections."""
+    from tint_hf.training import DecayAwareTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, use_cpu=True, report_to=[])
+    model = small_mesa_lm()
+    assert any("lambda_params" in name for name in Trainer(model=model, args=args).get_decay_parameter_names(model))
+    lora = get_peft_model(small_mesa_lm(), LoraConfig(target_modules=["q_proj"]))
+    for name, param in lora.named_parameters():
+        param.requires_grad_(param.requires_grad or name.endswith("lambda_params"))  # train lambda beside LoRA
+    for candidate in (model, lora):
+        trainer = DecayAwareTrainer(model=candidate, args=args)
+        names = dict(candidate.named_parameters())
+        decayed = {id(p) for group in trainer.create_optimizer().param_groups if group["weight_decay"] > 0
+                   for p in group["params"]}
+        lambdas = [n for n, p in names.items() if n.endswith("lambda_params") and p.requires_grad]
+        assert lambdas and not any(id(names[n]) in decayed for n in lambdas)
+        assert any("q_proj" in n and id(p) in decayed for n, p in names.items())

@@ -65,18 +65,20 @@ def forward_sharing_prefix(model: nn.Module, params: dict[str, torch.Tensor], in
     """
     batch = input_ids.shape[0]
     prefix = shared_prefix_length(input_ids, attention_mask) if batch > 1 else 0
-    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-    if prefix < MIN_SHARED_PREFIX or not takes_positions:
+    arguments = inspect.signature(model.forward).parameters
+    # transformers >= 5.24 names the cache `cache`; remote-code models written earlier still say `past_key_values`
+    cache_name = next((name for name in ("cache", "past_key_values") if name in arguments), None)
+    if prefix < MIN_SHARED_PREFIX or "position_ids" not in arguments or cache_name is None:
         return forward_with_params(model, params, input_ids, attention_mask)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     with torch.no_grad():
         head = functional_call(model, params, args=(input_ids[:1, :prefix],),
                                kwargs=dict(position_ids=positions[:, :prefix], use_cache=True))
-        cache = head.past_key_values
+        cache = head[cache_name]
         cache.batch_repeat_interleave(batch)
         tail = functional_call(model, params, args=(input_ids[:, prefix:],),
-                               kwargs=dict(attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                                           position_ids=positions[:, prefix:].expand(batch, -1)))
+                               kwargs={"attention_mask": attention_mask, cache_name: cache, "use_cache": True,
+                                       "position_ids": positions[:, prefix:].expand(batch, -1)})
     return torch.cat([head.logits.expand(batch, -1, -1), tail.logits], dim=1)
 
 

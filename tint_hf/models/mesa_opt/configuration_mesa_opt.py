@@ -31,8 +31,9 @@ class MesaOPTConfig(OPTConfig):
         forget_gate_windows: (shortest, longest) initial memory window 1 / (1 - gamma) in tokens, log-spaced
             over the heads (the forget-gate bias initialisation).
         use_input_gate: beta_t = sigmoid(b_proj(x_t)) per head; otherwise beta = 1.
-        mesa_backend: ``"torch"`` (pure PyTorch, any device), ``"fla"`` (flash-linear-attention kernels, CUDA, solver
-            ``"cg"``) or ``"auto"`` (fla when importable, on CUDA and applicable, else torch).
+        mesa_backend: ``"torch"`` (pure PyTorch, any device), ``"fla"`` (flash-linear-attention kernels, CUDA; only
+            solver ``"cg"`` and head width <= 128, refused otherwise) or ``"auto"`` (fla when importable, on CUDA and
+            applicable, else torch).
         layer_types: derived, one of ``"mesa"`` / ``"full_attention"`` per layer (sets up the generation cache).
     """
 
@@ -60,6 +61,11 @@ class MesaOPTConfig(OPTConfig):
             raise ValueError(f"mesa_solver must be one of {SOLVERS}, got {self.mesa_solver!r}.")
         if self.mesa_backend not in BACKENDS:
             raise ValueError(f"mesa_backend must be one of {BACKENDS}, got {self.mesa_backend!r}.")
+        if self.mesa_backend == "fla" and self.mesa_solver != "cg":
+            raise ValueError(f"mesa_backend='fla' implements only mesa_solver='cg' (got {self.mesa_solver!r}); use "
+                             "mesa_backend='torch' or 'auto' (fla where it applies) for the other solvers.")
+        if self.mesa_backend == "fla" and self.hidden_size // self.num_attention_heads > 128:
+            raise ValueError("mesa_backend='fla' needs a head width <= 128; use mesa_backend='torch' or 'auto'.")
         if not 0 < self.lambda_min < self.lambda_init:
             raise ValueError(f"Need 0 < lambda_min < lambda_init, got {self.lambda_min} and {self.lambda_init}.")
         if self.cg_steps < 1 or self.chunk_size < 1:
@@ -77,7 +83,13 @@ class MesaOPTConfig(OPTConfig):
     def _derive_layer_types(self) -> None:
         """Normalise ``mesa_layers`` (``"all"`` or indices, negative allowed) and set ``layer_types`` from it."""
         n_layers = self.num_hidden_layers
+        if isinstance(self.mesa_layers, str) and self.mesa_layers != "all":
+            raise ValueError(f"mesa_layers must be 'all' or a list of layer indices, got {self.mesa_layers!r}.")
         layers = range(n_layers) if self.mesa_layers == "all" else self.mesa_layers
+        outside = [i for i in layers if not -n_layers <= int(i) < n_layers]
+        if outside:
+            raise ValueError(f"mesa_layers {outside} are outside the {n_layers} decoder layers "
+                             f"(use indices in [{-n_layers}, {n_layers - 1}]).")
         self.__dict__["mesa_layers"] = sorted({int(i) % n_layers for i in layers})
         self.layer_types = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(n_layers)]
 

@@ -12,8 +12,9 @@ attention input u (B, T, hidden) of a layer with ``heads`` heads of width d:
     o_t     = S_t^T (H_t + diag(lambda))^{-1} q_t              (mesa_layer.py; state (H, S) in float32)
     y       = out_proj(concat_heads(RMSNorm_head(o) * o_norm.weight))
 
-Generation uses a :class:`~transformers.DynamicCache` built from ``config.layer_types``: key/value layers for
-softmax layers and :class:`MesaStateLayer` (the fixed-size (H, S) state) for mesa layers.
+Generation uses a :class:`~transformers.DynamicCache` (the ``cache`` argument of transformers >= 5.24) built from
+``config.layer_types``: key/value layers for softmax layers and :class:`MesaStateLayer` (the fixed-size (H, S)
+state) for mesa layers.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, OPTForCausalLM, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.opt.modeling_opt import OPTDecoderLayer, OPTLearnedPositionalEmbedding
-from transformers.utils import can_return_tuple
+from transformers.models.opt.modeling_opt import OPTAttention, OPTLearnedPositionalEmbedding
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_mesa_opt import MesaOPTConfig
 from .mesa_layer import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
@@ -146,16 +150,19 @@ class MesaOPTMesaAttention(nn.Module):
         self.o_norm = MesaHeadRMSNorm(self.num_heads, self.head_dim)
 
     def _use_fla(self, q: torch.Tensor) -> bool:
+        """Whether this call runs on flash-linear-attention's kernels (``mesa_backend``; see the config)."""
         backend = self.config.mesa_backend
+        if backend == "fla":
+            return True  # the config already refused solvers fla does not implement
         applicable = q.is_cuda and self.config.mesa_solver == "cg" and self.head_dim <= 128
-        return backend == "fla" or (backend == "auto" and applicable and fla_available())
+        return backend == "auto" and applicable and fla_available()
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, None]:
         """hidden_states: (B, T, hidden); attention_mask: (B, T), 0 on padding, or None. Returns ((B, T, hidden), None)."""
         bsz, length, _ = hidden_states.shape
@@ -174,7 +181,12 @@ class MesaOPTMesaAttention(nn.Module):
             g, beta = g * token_mask, beta * token_mask
         lam = F.softplus(self.lambda_params.to(dtype)) + self.config.lambda_min  # (heads, d)
 
-        state = past_key_values.layers[self.layer_idx].state if past_key_values is not None else None
+        state = cache.layers[self.layer_idx].state if cache is not None else None
+        if state is not None and state[1].shape[0] != bsz:
+            raise ValueError(
+                f"The cache holds mesa states for {state[1].shape[0]} sequences but the input has {bsz}; pass a fresh "
+                "cache (or none) for a new batch."
+            )
         solver, cg_steps = self.config.mesa_solver, self.config.cg_steps
         if state is not None and length == 1:  # decoding: one recurrent step
             o, state = mesa_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], lam, g[:, :, 0], beta[:, :, 0], state, solver, cg_steps)
@@ -183,22 +195,54 @@ class MesaOPTMesaAttention(nn.Module):
             o, state = fla_chunk_mesa(q, k, v, lam, g, beta, state, cg_steps)
         else:  # training, prefill, or several new tokens: chunkwise-parallel form from the cached state
             o, state = chunk_mesa(q, k, v, lam, g, beta, state, solver, cg_steps, self.config.chunk_size)
-        if past_key_values is not None:
-            past_key_values.update(*state, self.layer_idx, num_new_tokens=length)
+        if cache is not None:
+            cache.update(*state, self.layer_idx, num_new_tokens=length)
 
         o = self.o_norm(o.to(dtype))  # (B, heads, T, d)
         o = o.transpose(1, 2).reshape(bsz, length, -1).to(hidden_states.dtype)
         return self.out_proj(o), None
 
 
-class MesaOPTDecoderLayer(OPTDecoderLayer):
-    """HF's OPT decoder layer (pre- or post-LN, MLP), with the mesa-layer as token mixer when ``is_mesa``."""
+class MesaOPTDecoderLayer(GradientCheckpointingLayer):
+    """One OPT decoder layer (pre- or post-LN attention and MLP) whose token mixer is a mesa layer when ``is_mesa``,
+    else HF's ``OPTAttention``. Same parameter names as ``OPTDecoderLayer``, so OPT checkpoints load unchanged."""
 
     def __init__(self, config: MesaOPTConfig, layer_idx: int):
-        super().__init__(config, layer_idx=layer_idx)
+        super().__init__()
         self.is_mesa = layer_idx in config.mesa_layers
-        if self.is_mesa:
-            self.self_attn = MesaOPTMesaAttention(config, layer_idx)
+        mixer = MesaOPTMesaAttention if self.is_mesa else OPTAttention
+        self.self_attn = mixer(config, layer_idx=layer_idx)
+        self.do_layer_norm_before = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.activation_fn = ACT2FN[config.activation_function]
+        hidden, affine = config.hidden_size, config.layer_norm_elementwise_affine
+        self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.fc1 = nn.Linear(hidden, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, hidden, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+
+    def _sublayer(self, hidden_states: torch.Tensor, norm: nn.LayerNorm, fn) -> torch.Tensor:
+        """Residual sub-layer: pre-LN ``x + f(LN(x))`` or post-LN ``LN(x + f(x))``, dropout on ``f``."""
+        update = fn(norm(hidden_states) if self.do_layer_norm_before else hidden_states)
+        hidden_states = hidden_states + F.dropout(update, p=self.dropout, training=self.training)
+        return hidden_states if self.do_layer_norm_before else norm(hidden_states)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """hidden_states (B, T, hidden) -> (B, T, hidden). ``attention_mask``: the (B, T) token mask for a mesa layer,
+        the causal mask of ``create_causal_mask`` for a softmax layer."""
+
+        def mix(x: torch.Tensor) -> torch.Tensor:
+            return self.self_attn(x, attention_mask=attention_mask, cache=cache, position_ids=position_ids, **kwargs)[0]
+
+        hidden_states = self._sublayer(hidden_states, self.self_attn_layer_norm, mix)
+        return self._sublayer(hidden_states, self.final_layer_norm, lambda x: self.fc2(self.activation_fn(self.fc1(x))))
 
 
 class MesaOPTPreTrainedModel(PreTrainedModel):
@@ -208,6 +252,7 @@ class MesaOPTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MesaOPTDecoderLayer"]
     _supports_sdpa = True
     _is_stateful = True  # mesa states cannot be rewound: generate refuses assisted decoding
+    _no_weight_decay_parameters = ("lambda_params",)  # read by tint_hf.training.DecayAwareTrainer
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -253,13 +298,13 @@ class MesaOPTDecoder(nn.Module):
         self.layers = nn.ModuleList(MesaOPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def _generation_cache(self, past_key_values: Cache | None) -> Cache:
+    def _layer_cache(self, cache: Cache | None) -> Cache:
         """The cache to use: the given one, or a fresh ``DynamicCache(config)`` (mesa state layers included)."""
-        if past_key_values is not None:
-            is_mesa = [isinstance(layer, MesaStateLayer) for layer in past_key_values.layers]
+        if cache is not None:
+            is_mesa = [isinstance(layer, MesaStateLayer) for layer in cache.layers]
             if is_mesa == [layer_type == "mesa" for layer_type in self.config.layer_types]:
-                return past_key_values
-            if past_key_values.get_seq_length() > 0:
+                return cache
+            if cache.get_seq_length() > 0:
                 raise ValueError("MesaOPT needs a cache made by DynamicCache(config=model.config) (mesa state layers).")
         return DynamicCache(config=self.config)
 
@@ -267,53 +312,95 @@ class MesaOPTDecoder(nn.Module):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
-        **kwargs,
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        """input_ids (B, T) or inputs_embeds (B, T, word_embed_proj_dim); attention_mask (B, past + T), 0 on padding."""
+        """input_ids (B, T) or inputs_embeds (B, T, word_embed_proj_dim); attention_mask (B, past + T), 0 on padding.
+
+        A cache is built (``use_cache``, default ``config.use_cache``) only outside training, or when one is given.
+        ``output_hidden_states`` returns the embeddings and every layer's output (the last one after the final norm).
+        """
+        _check_forward_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
-        if inputs_embeds is None:
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]. Check the tokenizer matches the model."
+                )
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        past_key_values = self._generation_cache(past_key_values) if use_cache else None
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = self._layer_cache(cache) if use_cache or cache is not None else None
         batch, length = inputs_embeds.shape[:2]
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
 
         # positions count real tokens only (left padding), as in OPT
         full_mask = attention_mask
         if full_mask is None:
             full_mask = torch.ones(batch, past_seen + length, device=inputs_embeds.device, dtype=torch.long)
+        elif full_mask.shape != (batch, past_seen + length):
+            raise ValueError(
+                f"attention_mask must be (batch, past + new tokens) = {(batch, past_seen + length)}, got "
+                f"{tuple(full_mask.shape)}."
+            )
         if position_ids is None:
             position_ids = (full_mask.cumsum(1) * full_mask - 1).long()[:, past_seen:]
+        if position_ids.max() + self.embed_positions.offset >= self.embed_positions.num_embeddings:
+            raise ValueError(
+                f"Positions up to {int(position_ids.max())} exceed the position table "
+                f"(max_position_embeddings={self.config.max_position_embeddings}); shorten the input."
+            )
         token_mask = None if attention_mask is None else attention_mask[:, -length:]
         causal_mask = None
         if len(self.config.mesa_layers) < self.config.num_hidden_layers:
             causal_mask = create_causal_mask(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
             )
 
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)
         hidden_states = inputs_embeds + self.embed_positions(full_mask, past_seen, position_ids=position_ids)
+        all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
                 attention_mask=token_mask if layer.is_mesa else causal_mask,
+                cache=cache,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
                 **kwargs,
             )
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         if self.project_out is not None:
             hidden_states = self.project_out(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        if all_hidden is not None:
+            all_hidden[-1] = hidden_states
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache, hidden_states=None if all_hidden is None else tuple(all_hidden)
+        )
+
+
+def _check_forward_kwargs(kwargs: dict) -> None:
+    """Refuse keyword arguments MesaOPT does not implement, instead of letting ``**kwargs`` swallow them."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("MesaOPT does not return attention probabilities (mesa layers have none); "
+                         "drop output_attentions.")
+    if "past_key_values" in kwargs:
+        raise TypeError("MesaOPT takes the cache as `cache=` (transformers >= 5.24 renamed `past_key_values`).")
+    unknown = sorted(set(kwargs) - {"num_items_in_batch", "output_attentions"})
+    if unknown:
+        raise TypeError(f"MesaOPT forward got unsupported keyword argument(s) {unknown}; packed sequences "
+                        "(cu_seq_lens_*, seq_idx) and other options are not implemented.")
 
 
 class MesaOPTModel(MesaOPTPreTrainedModel):
@@ -374,19 +461,20 @@ class MesaOPTForCausalLM(MesaOPTPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """Next-token logits (B, T, vocab) and, with ``labels`` (B, T; -100 ignored), the shifted cross-entropy."""
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model.decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             position_ids=position_ids,
@@ -397,8 +485,10 @@ class MesaOPTForCausalLM(MesaOPTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states)
 
 
 __all__ = ["MesaOPTForCausalLM", "MesaOPTModel", "MesaOPTPreTrainedModel", "MesaStateLayer"]

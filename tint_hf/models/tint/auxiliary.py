@@ -222,8 +222,14 @@ def read_auxiliary(model: nn.Module) -> tuple[AuxiliarySpec, dict[str, torch.Ten
     body = model.get_submodule(body_path)
     own = dict(model.named_parameters(remove_duplicate=False))
     weights = {name: own[f"{body_path}.{path}"] for name, path in _TOP_PATHS[spec.family].items()}
+    head = model.get_output_embeddings().weight
     if not spec.tied_embeddings:
-        weights["lm_head"] = model.get_output_embeddings().weight
+        weights["lm_head"] = head
+    elif head is not weights["embed_tokens"] and not torch.equal(head.detach(), weights["embed_tokens"].detach()):
+        raise UnsupportedAuxiliaryModelError(
+            "The auxiliary config says tie_word_embeddings=True but the model's LM head is a different tensor from its "
+            "token embedding; call model.tie_weights() first (TinT reads the LM head from the embedding)."
+        )
     d = spec.hidden_size
     for i, layer in enumerate(body.get_submodule(layers_name)):
         for module, path in _LAYER_PATHS[spec.family].items():
