@@ -40,6 +40,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
 import tint_hf
+from tint_hf._optional import require
 from tint_hf.assets import load_gpt2_tokenizer, sample_text
 from tint_hf.training import DecayAwareTrainer
 
@@ -115,7 +116,8 @@ def apply_peft(model: PreTrainedModel, args: argparse.Namespace, lora_targets: d
     layers IA3 can scale."""
     if args.peft == "none":
         return model
-    from peft import IA3Config, LoraConfig, get_peft_model
+    peft = require("peft", "peft", f"--peft {args.peft}")
+    IA3Config, LoraConfig, get_peft_model = peft.IA3Config, peft.LoraConfig, peft.get_peft_model  # noqa: N806
 
     if args.peft == "lora":
         targets = {"target_modules": args.targets} if args.targets else lora_targets

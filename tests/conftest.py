@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from tint_hf.assets import load_gpt2_tokenizer
 
@@ -34,14 +35,30 @@ def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) ->
     return _build(GPT2LMHeadModel, GPT2Config, defaults, seed, dtype, overrides)
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> LlamaForCausalLM:
-    """A 2-layer Llama (RMSNorm, SwiGLU with d_ff=80 not a multiple of d, RoPE, 4 heads / 2 KV heads), vocab 64."""
+class FullPrecisionRMSNorm(LlamaRMSNorm):
+    """HF's LlamaRMSNorm normalises in float32 whatever the model dtype; this one in the input dtype. A float64 Llama
+    built with it can be compared with TinT at float64 precision (HF's own norm limits any comparison to ~1e-7)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, full_precision_norms: bool = False,
+               **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama (RMSNorm, SwiGLU with d_ff=80 not a multiple of d, RoPE, 4 heads / 2 KV heads), vocab 64;
+    ``full_precision_norms`` swaps HF's float32 RMSNorm for :class:`FullPrecisionRMSNorm`."""
     defaults = dict(
         vocab_size=64, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1000.0,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    return _build(LlamaForCausalLM, LlamaConfig, defaults, seed, dtype, overrides)
+    model = _build(LlamaForCausalLM, LlamaConfig, defaults, seed, dtype, overrides)
+    if full_precision_norms:
+        for module in model.modules():
+            if type(module) is LlamaRMSNorm:
+                module.__class__ = FullPrecisionRMSNorm
+    return model
 
 
 def _randomize_norms(model: torch.nn.Module, seed: int) -> None:

@@ -130,6 +130,7 @@ print(json.dumps({"module": type(model).__module__, "vocab": len(tokenizer)}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tint", "mesa"])
 def test_push_stages_code_tokenizer_and_card_loads_in_a_fresh_process_and_uploads(tmp_path, kind, gpt2_tokenizer):
     model, spec = tiny_checkpoint(kind, tmp_path / "ckpt", gpt2_tokenizer)

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import finetune_tint  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 LR, STEPS = 0.5, 2
 BLOCKS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 

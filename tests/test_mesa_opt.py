@@ -229,6 +229,7 @@ def test_save_pretrained_round_trip(tmp_path):
                                rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_remote_code_loads_without_tint_hf(tmp_path):
     """The saved folder carries its code: a process that cannot import tint_hf loads it with trust_remote_code."""
     model = mesa_model(mesa_layers=[0])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_opt
 from datasets import Dataset
@@ -101,6 +102,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER.format(tests_dir=str(TESTS_DIR), output_dir=str(tmp_path)))

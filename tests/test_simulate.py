@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama, tiny_opt
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig, OPTForCausalLM
 
-from tint_hf.models.tint.auxiliary import UnsupportedAuxiliaryModelError
 from tint_hf.simulate import (
     Approximations,
     exact_step,
@@ -19,6 +18,7 @@ from tint_hf.simulate import (
     sgd_update,
     tint_step,
 )
+from tint_hf.simulate.families import UnsupportedModelError
 
 LR = 2e-2
 # HF's LlamaRMSNorm normalises in float32 even in a float64 model, so comparisons with HF Llama logits are only
@@ -314,12 +314,12 @@ def test_unsupported_auxiliary_models_are_refused_clearly():
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                             num_attention_heads=4)).double()
     ids, attn, train = batch(B=1)
-    with pytest.raises(UnsupportedAuxiliaryModelError, match="'gpt_neox' is not supported.*exact_step"):
+    with pytest.raises(UnsupportedModelError, match="not 'gpt_neox'.*exact_step"):
         tint_step(neox, ids, attn, train, lr=LR)
     exact_step(neox, ids, attn, train, lr=LR)  # true dynamic evaluation works for any HF causal LM
     post_ln = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                        ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=False))
-    with pytest.raises(UnsupportedAuxiliaryModelError, match="post-LayerNorm"):
+    with pytest.raises(UnsupportedModelError, match="post-LayerNorm"):
         tint_step(post_ln, ids, attn, train, lr=LR)
 
 
@@ -336,3 +336,31 @@ def test_bad_inputs_give_clear_errors():
         tint_step(model, ids, attn, train, lr=LR, n_steps=0)
     with pytest.raises(ValueError, match="backward"):
         Approximations(backward="taylor")
+
+
+@pytest.mark.parametrize("step", [exact_step, tint_step, sgd_update])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1e-3", True])
+def test_non_finite_or_non_numeric_lr_raises(step, bad):
+    ids, attn, train = batch()
+    with pytest.raises((ValueError, TypeError), match="lr"):
+        step(tiny_opt(), ids, attn, train, lr=bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "1000"])
+def test_bad_fd_scale_raises(bad):
+    with pytest.raises(ValueError, match="fd_scale"):
+        Approximations(fd_scale=bad)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_finite_difference_step_on_half_precision_models_stays_close_to_float64(family):
+    """In bfloat16, N (f(x + g/N) - f(x)) is rounding noise; the reference evaluates it in float32, so the logit
+    change of a bf16 model stays within a few percent of the same step in float64."""
+    model = BUILDERS[family]()
+    ids, attn, train = batch(seed=3)
+    reference = tint_step(model, ids, attn, train, lr=LR)
+    low = tint_step(copy.deepcopy(model).to(torch.bfloat16), ids, attn, train, lr=LR)
+    real = attn.bool()
+    change = (reference.logits_after - reference.logits_before)[real]
+    low_change = (low.logits_after - low.logits_before).double()[real]
+    assert rel(low_change, change) < 0.05

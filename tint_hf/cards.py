@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
+from ._optional import require
 from .models.mesa_opt import MesaOPTConfig, MesaOPTForCausalLM
 from .models.tint import TinTConfig, TinTForCausalLM
 
@@ -301,6 +302,7 @@ def _dense_count(model: TinTForCausalLM) -> str:
 
 def render_card(name: str, repo_id: str | None = None) -> ModelCard:
     """The card of ``CARDS[name]``; ``repo_id`` (default ``tint-hf/<name>``) goes into the loading example."""
+    require("jinja2", "cards", "Rendering model cards")
     spec = CARDS[name]
     kind = "tint" if spec.model_type == TinTConfig.model_type else "mesa"
     construction_args = ", ".join(f"{key}={value!r}" for key, value in spec.construction.items())

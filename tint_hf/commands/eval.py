@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._optional import require
 from ..evaluation import FewShotConfig, FewShotEvaluator, ModeConfig, get_task, load_examples, summarize_runs
 from ..evaluation.fewshot import MODES
 from ..evaluation.report import markdown_table, write_results
@@ -46,7 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tint-model", default=None,
                        help="TinT checkpoint for the tint mode (`tint-hf build`); default: built here from --model.")
     group.add_argument("--num-prefixes", type=int, default=None,
-                       help="P when building TinT here (default: gcd(d, 256)).")
+                       help="P when building TinT here (default: the divisor of d nearest d / 3).")
     adapt = parser.add_argument_group("adaptation (dynamic / tint)")
     adapt.add_argument("--modes", type=_names, default=("icl",), help=f"Comma-separated subset of {MODES}.")
     adapt.add_argument("--lrs", type=_floats, default=(1e-4,),
@@ -90,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     proto.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
                        help="Prepend BOS: follow the tokenizer (auto), or force.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--no-plot", action="store_true", help="Skip accuracy.png (needs tint_hf[plot]).")
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
@@ -106,8 +108,6 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
 
 def load_tint(args: argparse.Namespace, model: nn.Module) -> nn.Module | None:
     """The TinT model for the tint mode (None if the mode is not requested)."""
-    import math
-
     from ..models.tint import TinTForCausalLM
 
     if "tint" not in args.modes:
@@ -116,8 +116,7 @@ def load_tint(args: argparse.Namespace, model: nn.Module) -> nn.Module | None:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(args.tint_model, dtype=DTYPES[args.dtype]).eval()
-    d = model.config.get_text_config().hidden_size
-    return TinTForCausalLM.from_auxiliary(model, num_prefixes=args.num_prefixes or math.gcd(d, 256),
+    return TinTForCausalLM.from_auxiliary(model, num_prefixes=args.num_prefixes,
                                           n_simulation_layers=args.n_layers, n_steps=args.n_steps, progress=True)
 
 
@@ -136,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.train_file or args.eval_file) and len(args.tasks) != 1:
         raise SystemExit("--train-file/--eval-file describe one task; pass a single --tasks name or use --data-dir.")
     tasks = [get_task(name) for name in args.tasks]
+    if not args.no_plot:
+        require("matplotlib", "plot", "tint-hf eval's accuracy.png (or pass --no-plot)")
     model, tokenizer = load_model(args)
     config = FewShotConfig(shots=args.shots, seeds=args.seeds, template=args.template, calibration=args.calibration,
                            n_eval=args.n_eval, n_dev=args.n_dev, eval_seed=args.eval_seed,
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         predictions += result.predictions
     summary = summarize_runs(runs, {t.name: t.num_classes for t in tasks})
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-    out = write_results(args.out, arguments, runs, predictions, summary)
+    out = write_results(args.out, arguments, runs, predictions, summary, plot=not args.no_plot)
     print(markdown_table(summary))
-    print(f"results: {out}/results.json, predictions.jsonl, summary.md, accuracy.png")
+    print(f"results: {out}/results.json, predictions.jsonl, summary.md" + ("" if args.no_plot else ", accuracy.png"))
     return 0

@@ -28,6 +28,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._optional import require
 from .data import Example, write_jsonl
 from .tasks import Task
 
@@ -40,8 +41,7 @@ def jinja_prompt(prompt: str) -> str:
 def export_lm_eval_task(folder: str | Path, name: str, task: Task, template_id: int, demos: Sequence[Example],
                         examples: Sequence[Example]) -> Path:
     """Write the YAML task and its two JSONL files into ``folder``; returns the YAML path."""
-    import yaml
-
+    yaml = require("yaml", "lm-eval", "Exporting an lm-evaluation-harness task")
     folder = Path(folder)
     template = task.template(template_id)
     if template.label_delimiter != " " or not name.isidentifier():

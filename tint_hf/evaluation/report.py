@@ -8,6 +8,8 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._optional import require
+
 
 def environment() -> dict:
     """Library versions that can move the numbers."""
@@ -35,8 +37,7 @@ def markdown_table(summary: Sequence[dict]) -> str:
 
 def plot_accuracy(summary: Sequence[dict], path: Path) -> None:
     """Grouped bars: one group per task, one bar per (mode, k), error bars = std over seeds, dashed chance line."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "The accuracy plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -62,8 +63,8 @@ def plot_accuracy(summary: Sequence[dict], path: Path) -> None:
 
 
 def write_results(out_dir: str | Path, arguments: dict, runs: Sequence[dict], predictions: Sequence[dict],
-                  summary: Sequence[dict]) -> Path:
-    """Write the four result files into ``out_dir``; returns the folder."""
+                  summary: Sequence[dict], plot: bool = True) -> Path:
+    """Write results.json, predictions.jsonl, summary.md and (``plot``) accuracy.png into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = dict(arguments=arguments, environment=environment(), summary=list(summary), runs=list(runs))
@@ -72,5 +73,6 @@ def write_results(out_dir: str | Path, arguments: dict, runs: Sequence[dict], pr
         for row in predictions:
             f.write(json.dumps(row) + "\n")
     (out / "summary.md").write_text(markdown_table(summary))
-    plot_accuracy(summary, out / "accuracy.png")
+    if plot:
+        plot_accuracy(summary, out / "accuracy.png")
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -148,10 +149,12 @@ def _descend(model: nn.Module, names: list[str], input_ids: torch.Tensor, masks:
 
 
 def _validate_step_args(lr: float, n_steps: int) -> None:
-    if n_steps < 1:
-        raise ValueError(f"n_steps={n_steps} must be >= 1.")
-    if not isinstance(lr, (int, float)):
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps={n_steps!r} must be an int >= 1.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"lr must be a float, got {type(lr).__name__}.")
+    if not math.isfinite(lr):
+        raise ValueError(f"lr={lr} must be finite.")
 
 
 def sgd_update(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -170,14 +173,9 @@ def sgd_update(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     with _eval_mode(model):
         if not per_sequence:
             return _descend(model, names, input_ids, masks, lr, n_steps)[0]
-        rows = [_descend(model, names, input_ids[b:b + 1], _row(masks, b), lr, n_steps)[0]
+        rows = [_descend(model, names, input_ids[b:b + 1], masks.row(b), lr, n_steps)[0]
                 for b in range(input_ids.shape[0])]
     return {n: torch.stack([r[n] for r in rows]) for n in names}
-
-
-def _row(masks: TargetMasks, b: int) -> TargetMasks:
-    fields = {k: getattr(masks, k) for k in masks.__dataclass_fields__}
-    return TargetMasks(**{k: None if v is None else v[b:b + 1] for k, v in fields.items()})
 
 
 def exact_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -201,7 +199,7 @@ def exact_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     updated, before, after = [], [], []
     with _eval_mode(model):
         for b in range(input_ids.shape[0]):
-            row_ids, row_masks = input_ids[b:b + 1], _row(masks, b)
+            row_ids, row_masks = input_ids[b:b + 1], masks.row(b)
             new_params, logits_before = _descend(model, names, row_ids, row_masks, lr, n_steps)
             with torch.no_grad():
                 after.append(_forward(model, new_params, row_ids, row_masks))

@@ -1,7 +1,8 @@
-"""``tint_step``: the approximate SGD step that TinT simulates, as a functional reference (oracle).
+"""``tint_step``: the approximate SGD step that TinT simulates, as a reference (oracle) independent of TinT's code.
 
-It re-implements the auxiliary forward (OPT, GPT-2, Llama; pre-norm) with per-sequence weights and runs torch autograd
-through it, with TinT's approximations (``tint.md`` §3.2) inserted as switchable autograd rules:
+It runs the auxiliary Hugging Face model itself (its own modules and parameters, its rotary embedding, its norms)
+with ``torch.func.functional_call`` and per-sequence parameters, and while it differentiates the training loss it
+applies TinT's approximations (``tint.md`` §3.2) as local rules on those modules (:mod:`.families` says where):
 
 * ``stop_attention_grad``: no gradient through the attention probabilities; only the value path
   ``dv_i = sum_j A_ji dout_j`` survives, so ``W_Q, W_K`` get no gradient and lower layers see only ``W_V^T dv``.
@@ -9,37 +10,38 @@ through it, with TinT's approximations (``tint.md`` §3.2) inserted as switchabl
   backward lets query j pass gradient to earlier keys only if j is in the training part. Both are exact when the
   training part is a prefix of the sequence (the usual case) and matter only for interleaved masks.
 * ``freeze_qk``: ``W_Q, b_Q, W_K, b_K`` are not updated.
-* ``ln_bias_only``: LayerNorm gamma is frozen, only beta is updated.
+* ``ln_bias_only``: norm gains are frozen, only LayerNorm biases are updated.
 * ``freeze_embeddings``: token/position embeddings and the LM head are not updated.
-* ``backward="fd"``: LayerNorm and activation backward by TinT's finite difference
-  ``dx = N * (f(x + g/N) - f(x))`` with ``N = fd_scale`` (``"exact"`` uses the true VJP).
-* ``loss_gradient``: ``"ce"`` (exact cross-entropy gradient), ``"quad"`` (``U^T(U y - e_target)``) or
-  ``"uniform"`` (``mean_v U_v - U_target``), the gradient TinT injects at the final-LN output ``y``.
+* ``backward="fd"``: the norms' normalisation and the activation are differentiated by TinT's finite difference
+  ``dx = N * (f(x + g/N) - f(x))`` with ``N = fd_scale`` (``"exact"`` uses the true VJP); ``f`` is the HF module
+  itself (a norm with unit gain and zero bias).
+* ``loss_gradient``: ``"ce"`` (exact cross-entropy gradient), ``"quad"`` (``U^T(U y) - U_target``) or
+  ``"uniform"`` (``mean_v U_v - U_target``), the gradient TinT injects at the final-norm output ``y``.
 * ``authors_fc2_bias_bug``: the authors' code gives the fc2 bias ``d_ff/d`` times the step (off by default).
 
-Only the top ``n_layers`` layers (and the final LN) are updated; gradients are not propagated below them.
+Only the top ``n_layers`` layers (and the final norm) are updated. Nothing here comes from
+``tint_hf.models.tint``: a bug in TinT's weight layout, rotary embedding or target convention shows up as a
+disagreement between TinT and this reference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
+from torch.func import functional_call
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..models.tint.auxiliary import (
-    AuxiliarySpec,
-    apply_rotary,
-    layer_key,
-    read_auxiliary,
-    rotary_cos_sin,
-    to_hf_parameters,
-)
-from .exact import _eval_mode, _validate_step_args
-from .masks import TargetMasks, build_target_masks, gradient_span
+from .exact import _eval_mode, _validate_step_args, forward_with_params
+from .families import Family, family_of
+from .masks import TargetMasks, build_target_masks, gradient_span, next_token_nll
 from .outputs import SimulationOutput, summarize
 
 
@@ -62,8 +64,9 @@ class Approximations:
             raise ValueError(f"backward={self.backward!r}: use 'fd' (TinT's finite difference) or 'exact'.")
         if self.loss_gradient not in ("ce", "quad", "uniform"):
             raise ValueError(f"loss_gradient={self.loss_gradient!r}: use 'ce', 'quad' or 'uniform'.")
-        if self.fd_scale <= 0:
-            raise ValueError(f"fd_scale={self.fd_scale} must be positive.")
+        if isinstance(self.fd_scale, bool) or not isinstance(self.fd_scale, (int, float)) or not (
+                math.isfinite(self.fd_scale) and self.fd_scale > 0):
+            raise ValueError(f"fd_scale={self.fd_scale!r} must be a finite positive number.")
 
     @classmethod
     def none(cls) -> Approximations:
@@ -78,215 +81,238 @@ class Approximations:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class _FiniteDifferenceBackward(torch.autograd.Function):
-    """y = f(x); backward: dx = N * (f(x + g/N) - f(x)) (TinT's first-order approximation of J_f(x)^T g)."""
+# --------------------------------------------------------------------------------------------------------------
+# The rules, as autograd surrogates: each returns the module's own output value, with TinT's gradient.
+# --------------------------------------------------------------------------------------------------------------
+class _FiniteDifference(torch.autograd.Function):
+    """Forward 0; backward ``dx = N (f(x + g'/N) - f(x))`` with ``g' = gain * g`` (TinT's first-order Jacobian).
+
+    The difference cancels about log10(N) digits: bfloat16 / float16 inputs are evaluated in float32 (in bfloat16,
+    x + g/N mostly rounds back to x and the gradient would be noise)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fn, scale: float) -> torch.Tensor:
-        y = fn(x)
-        ctx.save_for_backward(x, y)
+    def forward(ctx, x: torch.Tensor, fn: Callable, gain: torch.Tensor | None, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(x, gain)
         ctx.fn, ctx.scale = fn, scale
-        return y
+        return torch.zeros_like(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, y = ctx.saved_tensors
-        return ctx.scale * (ctx.fn(x + grad / ctx.scale) - y), None, None
+        x, gain = ctx.saved_tensors
+        wide = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        x_, g = x.to(wide), grad.to(wide)
+        if gain is not None:
+            g = g * gain.to(wide)
+        return (ctx.scale * (ctx.fn(x_ + g / ctx.scale) - ctx.fn(x_))).to(grad.dtype), None, None, None
 
 
-class _RowMaskedLinear(torch.autograd.Function):
-    """y = x W^T (+ b) whose weight/bias gradients sum only over rows with ``row_mask`` (TinT's descent)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_mask: torch.Tensor):
-        ctx.save_for_backward(x, weight, row_mask)
-        ctx.bias_shape = None if bias is None else bias.shape
-        return _linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, row_mask = ctx.saved_tensors
-        grad_x = grad @ weight
-        rows = row_mask.squeeze(-1).any(0)              # tokens that train in some sequence: skip the others
-        masked = grad[:, rows] * row_mask[:, rows]
-        grad_w = masked.transpose(-1, -2) @ x[:, rows]  # (B, out, in)
-        grad_b = masked.sum(-2)                          # (B, out)
-        if weight.dim() == 2:                            # shared weight: sum over the batch
-            grad_w, grad_b = grad_w.sum(0), grad_b.sum(0)
-        return grad_x, grad_w, None if ctx.bias_shape is None else grad_b.reshape(ctx.bias_shape), None
+def _module_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: getattr(module, name) for name in ("weight", "bias") if getattr(module, name, None) is not None}
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (B, T, in) @ weight^T + bias, with weight (out, in) or per-sequence (B, out, in), bias (out) or (B, out)."""
-    y = torch.matmul(x, weight.transpose(-1, -2))
-    return y if bias is None else y + (bias if bias.dim() == 1 else bias.unsqueeze(-2))
+@dataclass
+class _Rules:
+    """Forward hooks applying TinT's rules in one gradient pass: the switches, the rows that train, and the queries
+    of the training part (for the attention's own-value-only rule when the training part has holes).
+
+    Each hook re-runs its module functionally (with some parameters held fixed) and returns the module's own output
+    value with TinT's gradient; ``busy`` keeps those inner calls from triggering the hook again."""
+
+    approx: Approximations
+    rows: torch.Tensor | None          # (B, T, 1) float, or None: descent over every row
+    train_queries: torch.Tensor | None  # (B, T) bool, or None: plain value path
+    busy: bool = False
+
+    def _run(self, module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        self.busy = True
+        try:
+            return functional_call(module, params, (x,))
+        finally:
+            self.busy = False
+
+    def _parameter_path(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The module's output, differentiable in its parameters only, with gradient from ``rows`` only."""
+        value = self._run(module, _module_params(module), x.detach())
+        return value if self.rows is None else self.rows * value + (1 - self.rows) * value.detach()
+
+    def _input_path(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """0 forward; the module's exact input VJP backward (its parameters held fixed)."""
+        y = self._run(module, {name: p.detach() for name, p in _module_params(module).items()}, x)
+        return y - y.detach()
+
+    def linear(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Descent over training-part rows only: parameter gradients from ``rows``, input gradient from all."""
+        if self.busy:
+            return None
+        return self._parameter_path(module, args[0]) + self._input_path(module, args[0])
+
+    def norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Gain / bias gradients (from ``rows``) exact; the input gradient of the normalisation by TinT's finite
+        difference of the module with unit gain and zero bias, or exactly."""
+        if self.busy:
+            return None
+        x = args[0]
+        value = self._parameter_path(module, x)
+        if self.approx.backward == "exact":
+            return value + self._input_path(module, x)
+        params = _module_params(module)
+        unit = {name: (torch.ones_like(p) if name == "weight" else torch.zeros_like(p)).detach()
+                for name, p in params.items()}
+
+        def normalize(z: torch.Tensor) -> torch.Tensor:
+            return self._run(module, {name: p.to(z.dtype) for name, p in unit.items()}, z)
+
+        gain = params["weight"].detach() if "weight" in params else None
+        return value + _FiniteDifference.apply(x, normalize, gain, self.approx.fd_scale)
+
+    def activation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.busy:
+            return None
+        return output.detach() + _FiniteDifference.apply(args[0], module, None, self.approx.fd_scale)
 
 
-def _per_row(t: torch.Tensor, spec_dim: int) -> torch.Tensor:
-    """Broadcast a per-sequence vector (B, d) over tokens; a shared one (d) is left as is."""
-    return t if t.dim() == spec_dim else t.unsqueeze(-2)
+_ACTIVE: ContextVar[_Rules | None] = ContextVar("tint_hf_reference_rules", default=None)
+VALUE_PATH_ATTENTION = "tint_hf_value_path"
 
 
-class _Simulator:
-    """The auxiliary forward with TinT's backward rules; one instance per ``tint_step`` call."""
+def _value_path_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                          **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention (an ``AttentionInterface`` function) whose probabilities carry no gradient.
 
-    def __init__(self, spec: AuxiliarySpec, approx: Approximations, masks: TargetMasks):
-        self.spec, self.approx, self.masks = spec, approx, masks
-        self.act = ACT2FN[spec.activation]
-        if approx.train_token_mask:
-            self.row_mask = masks.train_tokens.unsqueeze(-1)  # (B, T, 1)
-        else:
-            self.row_mask = masks.attention_mask.unsqueeze(-1)
-        self.row_mask = self.row_mask.to(masks.position_ids.device)
-        T = masks.attention_mask.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.row_mask.device).tril()
-        keys = masks.attention_mask[:, None, None, :]
-        self.allowed = (causal & keys) | torch.eye(T, dtype=torch.bool, device=causal.device)  # (B, 1, T, T)
-        self.has_holes = approx.train_token_mask and bool((masks.attention_mask & ~masks.train_tokens).any())
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.norm == "rmsnorm":
-            return F.rms_norm(x, x.shape[-1:], eps=self.spec.norm_eps)
-        return F.layer_norm(x, x.shape[-1:], eps=self.spec.norm_eps)
-
-    def _through(self, fn, x: torch.Tensor) -> torch.Tensor:
-        if self.approx.backward == "fd" and x.requires_grad:
-            return _FiniteDifferenceBackward.apply(x, fn, self.approx.fd_scale)
-        return fn(x)
-
-    def linear(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
-        if self.approx.train_token_mask and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-            return _RowMaskedLinear.apply(x, weight, bias, self.row_mask.to(x.dtype))
-        return _linear(x, weight, bias)
-
-    def norm(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """LayerNorm or RMSNorm; gamma (and beta) gradients read only training-part rows (TinT's descent)."""
-        x_hat = self._through(self._normalize, x)
-        affine = [_per_row(w[f"{name}.{kind}"], 1) for kind in self.spec.parameter_kinds("ln")]
-        gamma, beta = affine[0], (affine[1] if len(affine) > 1 else torch.zeros_like(affine[0]))
-        if self.approx.train_token_mask and (gamma.requires_grad or beta.requires_grad):
-            m = self.row_mask.to(x.dtype)  # same value as x_hat * gamma + beta
-            return x_hat * gamma.detach() + beta.detach() + m * (x_hat.detach() * (gamma - gamma.detach())
-                                                                 + (beta - beta.detach()))
-        return x_hat * gamma + beta
-
-    def attention(self, u: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        B, T, d = u.shape
-        h, dh = self.spec.num_heads, self.spec.head_dim
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, T, n * dh) -> (B, h, T, dh), k/v groups repeated
-            t = t.view(B, T, -1, dh).transpose(1, 2)
-            return t.repeat_interleave(h // t.shape[1], dim=1)
-
-        q, k, v = (heads(self.linear(u, w, name)) for name in "qkv")
-        if not self.spec.learned_positions:
-            cos, sin = rotary_cos_sin(self.spec, self.masks.position_ids, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.approx.stop_attention_grad:
-            q, k = q.detach(), k.detach()  # gradient reaches v only, through A^T (the value path)
-        if not (self.approx.stop_attention_grad and self.has_holes and v.requires_grad):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, scale=self.spec.attention_scale)
-        else:
-            # Query rows outside the training part pass gradient only to their own value (TinT's mask M); this
-            # differs from the plain value path only when the training part has holes (it is not a prefix).
-            scores = (q @ k.transpose(-1, -2)) * self.spec.attention_scale
-            probs = scores.masked_fill(~self.allowed, torch.finfo(scores.dtype).min).softmax(-1)  # (B, h, T, T)
-            out = probs @ v
-            diag = probs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)                                # (B, h, T, 1)
-            own_only = out.detach() + diag * (v - v.detach())
-            out = torch.where(self.masks.train_tokens[:, None, :, None], out, own_only)
-        out = out.transpose(1, 2).reshape(B, T, d)
-        return self.linear(out, w, "o")
-
-    def block(self, hidden: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = hidden + self.attention(self.norm(hidden, w, "ln1"), w)
-        x = self.norm(hidden, w, "ln2")
-        if self.spec.gated_mlp:
-            a = self._through(self.act, self.linear(x, w, "gate")) * self.linear(x, w, "fc1")
-        else:
-            a = self._through(self.act, self.linear(x, w, "fc1"))
-        return hidden + self.linear(a, w, "fc2")
-
-    def embed(self, weights: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
-        tokens = _gather_rows(weights["embed_tokens"], input_ids)
-        if not self.spec.learned_positions:
-            return tokens
-        return tokens + _gather_rows(weights["embed_positions"], self.masks.position_ids + self.spec.position_offset)
-
-    def head(self, hidden: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final-LN output y (B, T, d)."""
-        return self.norm(hidden, weights, "final_norm")
-
-    def logits(self, y: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, T, d) -> (B, T, V)."""
-        return torch.matmul(y, output_embedding(self.spec, weights).transpose(-1, -2))
-
-    def training_loss(self, y: torch.Tensor, input_ids: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
-        """Summed loss over training targets whose gradient w.r.t. y is TinT's injected loss gradient.
-
-        Only the N positions with a training target enter the graph: y_n (N, d), U the LM head ((V, d) or per
-        sequence (B, V, d)), target rows U[x_{t+1}].
-        """
-        b, t = self.masks.train.nonzero(as_tuple=True)
-        y_n, target = y[b, t], input_ids[b, t + 1]
-        head = lm_head if lm_head.dim() == 2 else lm_head[b]                          # (V, d) or (N, V, d)
-        if self.approx.loss_gradient == "ce":
-            logits = y_n @ head.T if head.dim() == 2 else (head @ y_n.unsqueeze(-1)).squeeze(-1)
-            return F.cross_entropy(logits, target, reduction="sum")
-        target_rows = _gather_rows(lm_head, input_ids[:, 1:])[b, t]                   # U_target (N, d)
-        if self.approx.loss_gradient == "quad":                                      # grad = U^T (U y) - U_target
-            logits = y_n @ head.T if head.dim() == 2 else (head @ y_n.unsqueeze(-1)).squeeze(-1)
-            surrogate = 0.5 * logits.pow(2).sum(-1) - (target_rows * y_n).sum(-1)
-        else:                                                                         # grad = mean_v U_v - U_target
-            surrogate = ((head.mean(-2) - target_rows) * y_n).sum(-1)
-        return surrogate.sum()
+    query (B, h, T, dh), key / value (B, h_kv, T, dh) (grouped heads are repeated); attention_mask: HF's boolean
+    (B, 1, T, T) mask, an additive float mask, or None (causal). Returns the output (B, T, h, dh) and the
+    probabilities. With ``train_queries`` set, a query outside the training part passes gradient to its own value
+    only (TinT's mask M)."""
+    rules = _ACTIVE.get()
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query.detach() @ key.detach().transpose(-1, -2)) * scale
+    if attention_mask is None:
+        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask
+    probs = scores.softmax(-1).to(value.dtype)
+    out = probs @ value
+    if rules is not None and rules.train_queries is not None:
+        own = out.detach() + probs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * (value - value.detach())
+        out = torch.where(rules.train_queries[:, None, :, None], out, own)
+    return out.transpose(1, 2).contiguous(), probs
 
 
-def output_embedding(spec: AuxiliarySpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The LM head U (V, d), or per sequence (B, V, d); the token embedding when the two are tied."""
-    return weights["embed_tokens" if spec.tied_embeddings else "lm_head"]
+AttentionInterface.register(VALUE_PATH_ATTENTION, _value_path_attention)
+AttentionMaskInterface.register(VALUE_PATH_ATTENTION, sdpa_mask)
 
 
-def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Embedding lookup for a shared (N, d) or per-sequence (B, N, d) table; index (B, T) -> (B, T, d)."""
-    if table.dim() == 2:
-        return F.embedding(index, table)
-    return torch.gather(table, 1, index.unsqueeze(-1).expand(*index.shape, table.shape[-1]))
+@contextlib.contextmanager
+def _tint_rules(model: nn.Module, family: Family, rules: _Rules, first_layer: int) -> Iterator[None]:
+    """Apply ``rules`` to the updated layers (and the final norm) while the context is open."""
+    approx = rules.approx
+    layers = model.get_submodule(family.layers)
+    hooks = []
+    for layer in layers[first_layer:]:  # (each layer owns its modules: no module is hooked twice)
+        for path in family.norms:
+            hooks.append(layer.get_submodule(path).register_forward_hook(rules.norm))
+        if approx.backward == "fd":
+            hooks.append(layer.get_submodule(family.activation).register_forward_hook(rules.activation))
+        if rules.rows is not None:
+            for path in family.linears:
+                hooks.append(layer.get_submodule(path).register_forward_hook(rules.linear))
+    hooks.append(model.get_submodule(family.final_norm).register_forward_hook(rules.norm))
+    implementation = model.config._attn_implementation
+    token = _ACTIVE.set(rules)
+    try:
+        if approx.stop_attention_grad:
+            model.config._attn_implementation = VALUE_PATH_ATTENTION
+        yield
+    finally:
+        model.config._attn_implementation = implementation
+        _ACTIVE.reset(token)
+        for hook in hooks:
+            hook.remove()
 
 
-def _truncate(masks: TargetMasks, span: int) -> TargetMasks:
-    """The masks of the first ``span`` positions."""
-    return TargetMasks(train=masks.train[:, : span - 1], eval=masks.eval[:, : span - 1],
-                       train_tokens=masks.train_tokens[:, :span], attention_mask=masks.attention_mask[:, :span],
-                       position_ids=masks.position_ids[:, :span],
-                       segment_ids=None if masks.segment_ids is None else masks.segment_ids[:, :span])
+# --------------------------------------------------------------------------------------------------------------
+# Which parameters move, and how their gradients are shaped
+# --------------------------------------------------------------------------------------------------------------
+def _check_n_layers(model: nn.Module, family: Family, n_layers: int | None) -> int:
+    depth = len(model.get_submodule(family.layers))
+    n_layers = depth if n_layers is None else n_layers
+    if not 1 <= n_layers <= depth:
+        raise ValueError(f"n_layers={n_layers} must be between 1 and the auxiliary depth ({depth}).")
+    return depth - n_layers
 
 
-def trainable_names(spec: AuxiliarySpec, approx: Approximations, n_layers: int) -> list[str]:
-    """Canonical names of the weights TinT updates (see :mod:`tint_hf.models.tint.auxiliary`)."""
+def trainable_names(model: nn.Module, approx: Approximations, n_layers: int | None = None) -> list[str]:
+    """HF names of the parameters TinT's step updates: the top ``n_layers`` layers (without Q/K when
+    ``freeze_qk``, without norm gains when ``ln_bias_only``), the final norm, and the embeddings unless frozen."""
+    family = family_of(model)
+    first = _check_n_layers(model, family, n_layers)
+    layers = model.get_submodule(family.layers)
+    frozen_modules = set(family.queries_keys) if approx.freeze_qk else set()
     names = []
-    for i in range(spec.num_layers - n_layers, spec.num_layers):
-        for module in spec.layer_modules():
-            if approx.freeze_qk and module in ("q", "k"):
+    for i in range(first, len(layers)):
+        for path in family.norms + family.linears:
+            if path in frozen_modules:
                 continue
-            kinds = spec.parameter_kinds(module)
-            if approx.ln_bias_only and module.startswith("ln"):
-                kinds = tuple(k for k in kinds if k == "bias")
-            names += [layer_key(i, f"{module}.{kind}") for kind in kinds]
-    final = spec.parameter_kinds("ln")
-    names += [f"final_norm.{kind}" for kind in final if not (approx.ln_bias_only and kind == "weight")]
+            for kind in _module_params(layers[i].get_submodule(path)):
+                if approx.ln_bias_only and path in family.norms and kind == "weight":
+                    continue
+                names.append(f"{family.layers}.{i}.{path}.{kind}")
+    for kind in _module_params(model.get_submodule(family.final_norm)):
+        if not (approx.ln_bias_only and kind == "weight"):
+            names.append(f"{family.final_norm}.{kind}")
     if not approx.freeze_embeddings:
-        names += ["embed_tokens"] + (["embed_positions"] if spec.learned_positions else [])
-        names += [] if spec.tied_embeddings else ["lm_head"]
+        own = dict(model.named_parameters())  # de-duplicated: a tied LM head is the embedding
+        names += [name for name in family.embeddings if name in own]
+        head = next(name for name, p in model.named_parameters(remove_duplicate=False)
+                    if p is model.get_output_embeddings().weight)
+        names += [head] if head in own and head not in names else []
     return names
 
 
-def _check_n_layers(spec: AuxiliarySpec, n_layers: int | None) -> int:
-    n_layers = spec.num_layers if n_layers is None else n_layers
-    if not 1 <= n_layers <= spec.num_layers:
-        raise ValueError(f"n_layers={n_layers} must be between 1 and the auxiliary depth ({spec.num_layers}).")
-    return n_layers
+def _gradient_rules(model: nn.Module, family: Family, approx: Approximations,
+                    names: list[str]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Per-parameter changes of the raw gradient: GPT-2's fused ``c_attn`` loses its Q/K columns under
+    ``freeze_qk``; the MLP output bias gets ``d_ff / d`` times its gradient under ``authors_fc2_bias_bug``."""
+    rules: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    d = model.config.hidden_size
+    for name in names:
+        module_path, _, kind = name.rpartition(".")
+        if approx.freeze_qk and family.fused_qkv and module_path.endswith(f".{family.fused_qkv}"):
+            def drop_qk(g: torch.Tensor) -> torch.Tensor:  # Conv1D: weight (d, 3d) and bias (3d), columns [q|k|v]
+                g = g.clone()
+                g[..., : 2 * d] = 0
+                return g
+            rules[name] = drop_qk
+        if approx.authors_fc2_bias_bug and kind == "bias" and module_path.endswith(f".{family.mlp_out}"):
+            ratio = model.get_submodule(module_path).weight.numel() / (d * d)  # d_ff / d
+            rules[name] = lambda g, ratio=ratio: g * ratio
+    return rules
+
+
+def _training_loss(approx: Approximations, logits: torch.Tensor, y: torch.Tensor, head: torch.Tensor,
+                   input_ids: torch.Tensor, masks: TargetMasks) -> torch.Tensor:
+    """Summed loss over training targets whose gradient w.r.t. the final-norm output y (B, T, d) is the one TinT
+    injects; ``head`` is the LM head matrix U (V, d)."""
+    if approx.loss_gradient == "ce":
+        return (next_token_nll(logits, input_ids) * masks.train).sum()
+    b, t = masks.train.nonzero(as_tuple=True)
+    y_n, target_rows = y[b, t], head[input_ids[b, t + 1]]                 # (N, d), U_target (N, d)
+    if approx.loss_gradient == "quad":                                    # grad = U^T (U y) - U_target
+        return (0.5 * (y_n @ head.T).pow(2).sum(-1) - (target_rows * y_n).sum(-1)).sum()
+    return ((head.mean(0) - target_rows) * y_n).sum()                      # grad = mean_v U_v - U_target
+
+
+def _row_key(input_ids: torch.Tensor, masks: TargetMasks, b: int, span: int) -> tuple:
+    """Everything the step of row ``b`` depends on (its first ``span`` positions): rows with equal keys share it."""
+    parts = [input_ids[b, :span], masks.train_tokens[b, :span], masks.attention_mask[b, :span],
+             masks.train[b, : span - 1], masks.position_ids[b, :span]]
+    return tuple(tuple(p.tolist()) for p in parts)
 
 
 def tint_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -296,55 +322,65 @@ def tint_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     """The approximate SGD step TinT simulates, per sequence, then the prediction with the updated weights.
 
     Same inputs and output as :func:`tint_hf.simulate.exact_step`; ``approximations`` selects TinT's departures
-    from exact SGD (default: TinT's setting). Supports OPT (pre-LN), GPT-2 and Llama-family auxiliary models.
+    from exact SGD (default: TinT's setting). Supports OPT (pre-LN), GPT-2 and Llama models.
     """
     _validate_step_args(lr, n_steps)
     approx = approximations or Approximations()
+    family = family_of(model)
     masks = build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
-    spec, base = read_auxiliary(model)
-    n_layers = _check_n_layers(spec, n_layers)
-    names = trainable_names(spec, approx, n_layers)
-    first = spec.num_layers - n_layers
-    # The training loss only depends on the positions up to its last target (causality): gradients are computed
-    # on that leading span only; predictions use the whole sequence.
-    span = gradient_span(masks)
-    full, grad_sim = _Simulator(spec, approx, masks), _Simulator(spec, approx, _truncate(masks, span))
+    first = _check_n_layers(model, family, n_layers)
+    names = trainable_names(model, approx, n_layers)
+    gradient_rules = _gradient_rules(model, family, approx, names)
+    own = dict(model.named_parameters())
+    head = model.get_output_embeddings().weight
+    head_name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is head)
+    head_name = head_name if head_name in own else family.embeddings[0]  # tied: the embedding is the head
 
-    def layer_weights(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-        prefix = f"layers.{i}."
-        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    steps: dict[tuple, dict[str, torch.Tensor]] = {}
+    updated = []
+    with _eval_mode(model):
+        for b in range(input_ids.shape[0]):
+            span = gradient_span(masks.row(b))
+            key = _row_key(input_ids, masks, b, span)
+            if key not in steps:
+                steps[key] = _descend_row(model, family, approx, names, gradient_rules, head_name, first,
+                                          input_ids[b:b + 1, :span], masks.row(b).first(span), lr,
+                                          n_steps if span > 1 else 0)
+            updated.append(steps[key])
+        stacked = {n: torch.stack([row[n] for row in updated]) for n in names}
+        with torch.no_grad():
+            logits_before = forward_with_params(model, {}, input_ids, masks.attention_mask, masks.position_ids)
+            logits_after = forward_with_params(model, stacked, input_ids, masks.attention_mask, masks.position_ids)
+    return summarize(logits_before, logits_after, input_ids, masks, stacked if return_params else None)
 
-    def run(sim: _Simulator, weights: dict[str, torch.Tensor], ids: torch.Tensor,
-            start: torch.Tensor | None) -> torch.Tensor:
-        hidden = start if start is not None else sim.embed(weights, ids)
-        for i in range(first if start is not None else 0, spec.num_layers):
-            hidden = sim.block(hidden, layer_weights(weights, i))
-        return sim.head(hidden, weights)
 
-    with _eval_mode(model), torch.no_grad():
-        # Bottom layers are never updated: their output is computed once and reused (as TinT does).
-        bottom = None
-        if approx.freeze_embeddings:
-            bottom = full.embed(base, input_ids)
-            for i in range(first):
-                bottom = full.block(bottom, layer_weights(base, i))
-        logits_before = full.logits(run(full, base, input_ids, bottom), base)
-    # Per-sequence weights (a leading batch dim; expanded views until the first update): one step per row.
-    current = {n: base[n].expand(input_ids.shape[0], *base[n].shape) for n in names}
-    for _ in range(n_steps if span > 1 else 0):
-        leaves = {n: t.detach().requires_grad_(True) for n, t in current.items()}
-        weights = {**base, **leaves}
-        with torch.enable_grad():
-            y = run(grad_sim, weights, input_ids[:, :span], None if bottom is None else bottom[:, :span])
-            loss = grad_sim.training_loss(y, input_ids[:, :span], output_embedding(spec, weights))
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        for (n, t), g in zip(list(current.items()), grads):
-            if g is not None:
-                if approx.authors_fc2_bias_bug and n.endswith("fc2.bias"):
-                    g = g * (spec.ffn_dim / spec.hidden_size)
-                current[n] = torch.add(t.detach(), g, alpha=-lr)
-    with torch.no_grad():
-        weights = {**base, **current}
-        logits_after = full.logits(run(full, weights, input_ids, bottom), weights)
-    params = to_hf_parameters(model, current) if return_params else None
-    return summarize(logits_before, logits_after, input_ids, masks, params)
+def _descend_row(model: nn.Module, family: Family, approx: Approximations, names: list[str],
+                 gradient_rules: dict[str, Callable], head_name: str, first_layer: int, input_ids: torch.Tensor,
+                 masks: TargetMasks, lr: float, n_steps: int) -> dict[str, torch.Tensor]:
+    """``n_steps`` of TinT's step on one sequence (1, span): the updated parameters (their own shapes)."""
+    own = {n: p.detach() for n, p in model.named_parameters()}
+    current = {n: own[n] for n in names}
+    holes = bool((masks.attention_mask & ~masks.train_tokens).any())
+    rules = _Rules(approx, rows=masks.train_tokens[..., None].to(own[names[0]].dtype) if approx.train_token_mask
+                   else None, train_queries=masks.train_tokens if approx.train_token_mask and holes else None)
+    final_outputs: list[torch.Tensor] = []  # the LM head's input: the final-norm output y
+    capture = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: final_outputs.append(args[0]))
+    try:
+        for _ in range(n_steps):
+            leaves = {n: t.clone().requires_grad_(True) for n, t in current.items()}
+            with torch.enable_grad(), _tint_rules(model, family, rules, first_layer):
+                logits = functional_call(model, {**own, **leaves}, args=(input_ids,), tie_weights=True, kwargs=dict(
+                    attention_mask=masks.attention_mask.long(), position_ids=masks.position_ids, use_cache=False)).logits
+                head = leaves.get(head_name, own[head_name])
+                loss = _training_loss(approx, logits, final_outputs.pop(), head, input_ids, masks)
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for (name, value), grad in zip(leaves.items(), grads):
+                if grad is not None:
+                    grad = gradient_rules.get(name, lambda g: g)(grad)
+                    current[name] = value.detach() - lr * grad
+    finally:
+        capture.remove()
+    return current
+
+
+__all__ = ["Approximations", "tint_step", "trainable_names"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -9,6 +11,11 @@ from .auxiliary import auxiliary_spec
 
 LOSS_GRADIENTS = ("ce", "quad", "uniform")
 BACKWARDS = ("fd", "exact")
+
+
+def nearest_divisor(n: int, target: float) -> int:
+    """The divisor of ``n`` closest to ``target`` (the larger one on a tie)."""
+    return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: (abs(k - target), -k))
 
 
 class TinTConfig(PreTrainedConfig):
@@ -30,7 +37,8 @@ class TinTConfig(PreTrainedConfig):
 
     Args:
         aux_config: the auxiliary (simulated) model's config: OPT (pre-LN), GPT-2 or Llama.
-        num_prefixes: P, number of prefix tokens (the linear-attention head width).
+        num_prefixes: P, number of prefix tokens (the linear-attention head width); ``None`` picks the divisor of d
+            closest to d / 3 (three weight rows per prefix, the paper's 256 for OPT-125M).
         hidden_size: D, TinT's width; ``None`` derives ``d * (d / P + 1)``.
         num_attention_heads: H, TinT's softmax-attention heads; ``None`` uses the auxiliary head count.
         n_simulation_layers: number of top auxiliary layers updated by the inner step; ``None`` = all.
@@ -52,7 +60,7 @@ class TinTConfig(PreTrainedConfig):
     sub_configs_defaults = {"aux_config": SubConfigSpec(AutoConfig, model_type="opt")}
 
     aux_config: dict | PreTrainedConfig | None = None
-    num_prefixes: int = 256
+    num_prefixes: int | None = None
     hidden_size: int | None = None
     num_attention_heads: int | None = None
     n_simulation_layers: int | None = None
@@ -73,10 +81,14 @@ class TinTConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
         spec = auxiliary_spec(self.aux_config)
-        d, P = spec.hidden_size, self.num_prefixes
-        if P <= 0 or d % P:
-            raise ValueError(f"num_prefixes={P} must divide the auxiliary width d={d} "
-                             f"(r = d / num_prefixes weight rows are stacked per prefix); try num_prefixes={d // 3}.")
+        d = spec.hidden_size
+        if self.num_prefixes is None:
+            self.num_prefixes = nearest_divisor(d, d / 3)
+        P = self.num_prefixes
+        if isinstance(P, bool) or not isinstance(P, int) or P <= 0 or d % P:
+            raise ValueError(f"num_prefixes={P!r} must be a positive divisor of the auxiliary width d={d} (r = d / "
+                             f"num_prefixes weight rows are stacked per prefix); try num_prefixes="
+                             f"{nearest_divisor(d, P if isinstance(P, (int, float)) and P > 0 else d / 3)}.")
         r = d // P
         expected = d * (r + 1)
         if self.hidden_size is None:
@@ -104,6 +116,10 @@ class TinTConfig(PreTrainedConfig):
             raise ValueError(f"loss_gradient={self.loss_gradient!r}; choose one of {LOSS_GRADIENTS}.")
         if self.backward not in BACKWARDS:
             raise ValueError(f"backward={self.backward!r}; choose one of {BACKWARDS}.")
+        for name in ("inner_lr", "fd_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number.")
         if self.fd_scale <= 0:
             raise ValueError(f"fd_scale={self.fd_scale} must be positive.")
         if not 0.0 <= self.default_train_fraction <= 1.0:

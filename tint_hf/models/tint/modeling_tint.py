@@ -35,6 +35,7 @@ Modules (each a standard transformer operation; construction matrices are index 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ from .dense_count import authors_dense_parameter_count
 from .sequence_masks import TargetMasks, build_target_masks, default_position_ids, gradient_span, next_token_nll
 
 LINEAR_SLOTS = ("q", "k", "v", "o")
+GENERATION_ARGUMENTS = ("train_mask", "loss_mask", "segment_ids", "position_ids", "inner_lr", "logits_to_keep")
 NORM_SLOTS = ("ln1", "ln2")
 
 
@@ -483,7 +485,6 @@ class TinTCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     logits_before: torch.Tensor | None = None
     loss_before: torch.Tensor | None = None
-    past_key_values: None = None
 
 
 class TinTPreTrainedModel(PreTrainedModel):
@@ -511,6 +512,16 @@ class TinTPreTrainedModel(PreTrainedModel):
             n_steps=config.n_steps, reuse_forward_blocks=config.reuse_forward_blocks,
             reuse_backward_blocks=config.reuse_backward_blocks, position_offset=spec.position_offset,
         )["total"]
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that refuses a checkpoint with missing, unexpected or mis-shaped
+        weights (HF only logs them): TinT's weights *are* its construction, so a partial load (e.g. a config edited
+        to another layer count) would silently simulate garbage."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _refuse_partial_load(f"TinT checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')}",
+                             info)
+        return (model, info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -546,12 +557,13 @@ class TinTModel(TinTPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, inner_lr: float | None = None,
+                position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
                 return_hidden_before: bool = False, segment_ids: torch.Tensor | None = None,
-                keep_last: int = 0, **kwargs) -> TinTModelOutput:
+                logits_to_keep: int = 0) -> TinTModelOutput:
+        """Arguments as :meth:`TinTForCausalLM.forward`; returns final-LN outputs of the kept positions."""
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
-        start = _window_start(masks, keep_last)
-        lr = self.config.inner_lr if inner_lr is None else inner_lr
+        start = _window_start(masks, logits_to_keep)
+        lr = self.step_sizes(inner_lr, input_ids.shape[0])  # (B, 1)
         n, L = self.config.n_simulation_layers, self.spec.num_layers
         hidden = self.embed_tokens(input_ids)
         rotary = None
@@ -561,7 +573,7 @@ class TinTModel(TinTPreTrainedModel):
             rotary = rotary_cos_sin(self.spec, masks.position_ids, hidden.dtype)
         context = StepContext(allowed=_causal_allowed(masks.attention_mask, masks.segment_ids),
                               train_tokens=masks.train_tokens,
-                              token_lr=masks.train_tokens.to(hidden.dtype) * lr, rotary=rotary)
+                              token_lr=masks.train_tokens.to(hidden.dtype) * lr.to(hidden.dtype), rotary=rotary)
         for layer in self.layers[: L - n]:  # never updated: run once, reused by every later pass
             hidden, _ = layer(hidden, layer.initial_prefixes(hidden), context)
         continued = hidden
@@ -575,7 +587,7 @@ class TinTModel(TinTPreTrainedModel):
         # of prompts sharing their demonstrations, once in all), then every row reads its group's prefixes.
         span = gradient_span(masks)
         if span > 1:
-            rows, group = _distinct_rows(input_ids, masks, span)
+            rows, group = _distinct_rows(input_ids, masks, span, lr)
             step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
             for _ in range(self.config.n_steps):
                 y, memories, final_x_hat, final_x = self._simulated_forward(continued[rows, :span], prefixes,
@@ -608,27 +620,54 @@ class TinTModel(TinTPreTrainedModel):
         y, x_hat = self.final_norm(hidden, final_prefix)
         return y, memories, x_hat, hidden
 
+    def default_train_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) bool: the first ``floor(config.default_train_fraction * n)`` of each row's n real tokens."""
+        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        counts = real.sum(-1, keepdim=True)
+        index = default_position_ids(real)
+        return real.bool() & (index < (counts * self.config.default_train_fraction).floor().long())
+
+    def step_sizes(self, inner_lr: float | torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The inner learning rate of every row, (B, 1) float64: ``config.inner_lr``, one number, or one per row."""
+        lr = self.config.inner_lr if inner_lr is None else inner_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            raise TypeError(f"inner_lr must be a number or a (batch,) tensor of numbers, got {type(lr).__name__}.")
+        lr = torch.as_tensor(lr, dtype=torch.float64, device=self.embed_tokens.weight.device)
+        if lr.dim() > 1 or (lr.dim() == 1 and lr.shape[0] != batch):
+            raise ValueError(f"inner_lr must be a number or have one value per row, shape ({batch},); got shape "
+                             f"{tuple(lr.shape)}.")
+        if not torch.isfinite(lr).all():
+            raise ValueError(f"inner_lr must be finite, got {lr.tolist()}.")
+        return lr.expand(batch).reshape(batch, 1).contiguous()
+
     def target_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      train_mask: torch.Tensor | None, loss_mask: torch.Tensor | None,
                      position_ids: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> TargetMasks:
-        """Masks of the call; without ``train_mask`` the first ``default_train_fraction`` of each sequence's real
-        tokens is the training part."""
-        if train_mask is None:
-            real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            counts = real.sum(-1, keepdim=True)
-            index = default_position_ids(real)
-            train_mask = real.bool() & (index < (counts * self.config.default_train_fraction).floor().long())
+        """Validated masks of the call; without ``train_mask``, :meth:`default_train_mask`."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}; "
+                             "use input_ids[None] for a single sequence.")
+        vocab = self.spec.vocab_size
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the auxiliary vocabulary), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]; check the tokenizer.")
         if input_ids.shape[1] > self.spec.max_positions:
             raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds the auxiliary model's "
                              f"{self.spec.max_positions} positions.")
+        if position_ids is not None and (position_ids.min() < 0 or position_ids.max() >= self.spec.max_positions):
+            raise ValueError(f"position_ids must lie in [0, {self.spec.max_positions}) (the auxiliary position "
+                             f"table), got values in [{int(position_ids.min())}, {int(position_ids.max())}].")
+        if train_mask is None:
+            train_mask = self.default_train_mask(input_ids, attention_mask)
         return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
 
 
-def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int,
+                   lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One representative row per group of rows identical on their first ``span`` positions (tokens, masks,
-    positions, segments), and each row's group index: (U,), (B,)."""
+    positions, segments) and in their step size ``lr`` (B, 1), and each row's group index: (U,), (B,)."""
     parts = [input_ids[:, :span], masks.attention_mask[:, :span].long(), masks.train_tokens[:, :span].long(),
-             masks.train[:, : span - 1].long(), masks.position_ids[:, :span]]
+             masks.train[:, : span - 1].long(), masks.position_ids[:, :span], lr.view(torch.int64)]
     if masks.segment_ids is not None:
         parts.append(masks.segment_ids[:, :span])
     key = torch.cat(parts, dim=1)
@@ -638,12 +677,12 @@ def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int) -> tu
     return rows, group
 
 
-def _window_start(masks: TargetMasks, keep_last: int) -> int:
-    """First position whose output is returned: ``T - keep_last`` (every position for 0)."""
+def _window_start(masks: TargetMasks, logits_to_keep: int) -> int:
+    """First position whose output is returned: ``T - logits_to_keep`` (every position for 0)."""
     length = masks.train_tokens.shape[1]
-    if keep_last < 0:
-        raise ValueError(f"logits_to_keep must be >= 0 (0 keeps every position), got {keep_last}.")
-    return length - keep_last if 0 < keep_last < length else 0
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps every position), got {logits_to_keep!r}.")
+    return length - logits_to_keep if 0 < logits_to_keep < length else 0
 
 
 def _segments_end_at(context: StepContext, start: int) -> bool:
@@ -686,18 +725,22 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                inner_lr: float | None = None, return_logits_before: bool = False,
-                segment_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
-                **kwargs) -> TinTCausalLMOutput:
+                inner_lr: float | torch.Tensor | None = None, return_logits_before: bool = False,
+                segment_ids: torch.Tensor | None = None, logits_to_keep: int = 0, use_cache: bool | None = None,
+                return_dict: bool | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None) -> TinTCausalLMOutput | tuple:
         """One TinT pass: simulate, fine-tune on the training part, predict.
 
         Args:
-            input_ids, attention_mask, position_ids: (B, T) auxiliary tokens, padding (either side), positions.
+            input_ids, attention_mask, position_ids: (B, T) auxiliary tokens, padding (either side; 0/1 values),
+                positions.
             train_mask: (B, T) 1 on the training part; default: the first ``config.default_train_fraction`` of
                 each sequence's real tokens.
             loss_mask: (B, T) optional restriction of the training targets (e.g. label words only).
-            labels: (B, T) targets (usually ``input_ids``); the loss is their mean NLL over evaluation targets.
-            inner_lr: overrides ``config.inner_lr`` for this call.
+            labels: (B, T) targets (usually ``input_ids``); the loss is their mean NLL over evaluation targets
+                (an error if the call has none, e.g. a ``train_mask`` of all ones).
+            inner_lr: overrides ``config.inner_lr`` for this call: one finite number, or a (B,) tensor with one
+                step size per row.
             return_logits_before: also return the logits (and loss) of the auxiliary model before the step.
             segment_ids: (B, T) optional packing of separate sequences into one row (numbered in order): tokens
                 attend within their segment only, positions restart per segment. Demonstrations as training segments
@@ -705,23 +748,60 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 summed loss of the separate demonstrations, then the query alone with the updated weights).
             logits_to_keep: return the logits of the last ``logits_to_keep`` positions only (0: all), and the loss on
                 them. When those positions form whole segments, the output pass runs on them alone.
+            use_cache: accepted for ``generate()``; TinT keeps no cache (each call simulates the whole sequence).
+            return_dict: ``False`` returns ``output.to_tuple()`` (default ``config.return_dict``).
+            output_hidden_states, output_attentions: not available (TinT's internal states are not the auxiliary
+                model's); ``True`` raises.
         """
+        for name, flag in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
+            if flag:
+                raise ValueError(f"TinTForCausalLM does not return {name.removeprefix('output_')}; drop {name}=True.")
         out = self.model(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr,
-                         return_hidden_before=return_logits_before, segment_ids=segment_ids, keep_last=logits_to_keep)
+                         return_hidden_before=return_logits_before, segment_ids=segment_ids,
+                         logits_to_keep=logits_to_keep)
         logits = self.lm_head(out.last_hidden_state)
         logits_before = self.lm_head(out.hidden_state_before) if return_logits_before else None
         loss = loss_before = None
         if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                                 f"{tuple(labels.shape)}.")
             labels = labels[:, input_ids.shape[1] - logits.shape[1]:]
             loss = _eval_loss(logits, labels, out.eval_targets)
             if logits_before is not None:
                 loss_before = _eval_loss(logits_before, labels, out.eval_targets)
-        return TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
+        output = TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """``GenerationMixin.generate`` with TinT's arguments (``train_mask``, ``loss_mask``, ``segment_ids``,
+        ``inner_lr``, ``position_ids``) passed to every step; masks grow with the generated tokens, which are never
+        training tokens. Without ``train_mask`` the training part is :meth:`TinTModel.default_train_mask` of the
+        *prompt*, fixed for the whole generation. Every step re-runs the simulation on the sequence so far."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if kwargs.get("train_mask") is None and prompt is not None:
+            kwargs["train_mask"] = self.model.default_train_mask(prompt, kwargs.get("attention_mask"))
+        return super().generate(inputs, generation_config, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                       **kwargs) -> dict:
-        """No cache: every generation step re-runs the whole simulation on the sequence so far."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        """The whole sequence so far (no cache) and the call's TinT arguments."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs.update({name: kwargs[name] for name in GENERATION_ARGUMENTS if kwargs.get(name) is not None})
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False,
+                                            num_new_tokens: int = 1) -> dict:
+        """HF's update (attention mask, positions), then the TinT masks over the new tokens: ``train_mask`` and
+        ``loss_mask`` 0, ``segment_ids`` those of the last segment."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
+                                                                   num_new_tokens)
+        for name in ("train_mask", "loss_mask", "segment_ids"):
+            if (mask := model_kwargs.get(name)) is not None:
+                new = mask[:, -1:].expand(-1, num_new_tokens) if name == "segment_ids" else mask.new_zeros(
+                    mask.shape[0], num_new_tokens)
+                model_kwargs[name] = torch.cat([mask, new], dim=-1)
+        return model_kwargs
 
     @classmethod
     def from_auxiliary(cls, model_or_path: nn.Module | str, dtype: torch.dtype | None = None,
@@ -732,11 +812,13 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         The prefix embeddings receive the auxiliary weights; nothing else needs values. ``progress`` shows a
         progress bar over the layers.
         """
-        if isinstance(model_or_path, str):
+        if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM
 
-            aux = AutoModelForCausalLM.from_pretrained(model_or_path, dtype=dtype or torch.float32)
-            construction.setdefault("aux_model_id", model_or_path)
+            aux, info = AutoModelForCausalLM.from_pretrained(model_or_path, dtype=dtype or torch.float32,
+                                                             output_loading_info=True)
+            _refuse_partial_load(f"auxiliary checkpoint {model_or_path}", info)
+            construction.setdefault("aux_model_id", str(model_or_path))
         else:
             aux = model_or_path
         auxiliary_spec(aux.config)  # clear error for unsupported families before anything else
@@ -794,8 +876,21 @@ def load_auxiliary_into(model: TinTModel, spec: AuxiliarySpec, num_prefixes: int
             block.prefixes[slot].copy_(stack_into_prefixes(weight, bias, P))
 
 
+def _refuse_partial_load(what: str, info: dict) -> None:
+    """Raise if ``from_pretrained``'s loading info reports weights that were not loaded exactly."""
+    problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
+                                                                          "mismatched_keys")}
+    problems = {kind: keys[:5] + (["..."] if len(keys) > 5 else []) for kind, keys in problems.items() if keys}
+    if problems:
+        raise ValueError(f"The {what} does not match its config: {problems}. Check that config.json belongs to "
+                         "these weights (and was not edited), or rebuild with TinTForCausalLM.from_auxiliary.")
+
+
 def _eval_loss(logits: torch.Tensor, labels: torch.Tensor, eval_targets: torch.Tensor) -> torch.Tensor:
     """Mean NLL of ``labels`` at evaluation targets (B, T-1) (labels equal to -100 are ignored)."""
     valid = eval_targets & (labels[:, 1:] != -100)
+    if not valid.any():
+        raise ValueError("No evaluation target for the loss: every predicted token is in the training part (or its "
+                         "label is -100). Leave part of each sequence out of train_mask, or drop labels.")
     nll = next_token_nll(logits, labels.clamp(min=0))
-    return (nll * valid).sum() / valid.sum().clamp(min=1)
+    return (nll * valid).sum() / valid.sum()

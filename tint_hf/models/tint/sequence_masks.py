@@ -42,6 +42,9 @@ def _as_bool(name: str, mask: torch.Tensor | None, shape: torch.Size, device: to
     if mask.shape != shape:
         raise ValueError(f"`{name}` has shape {tuple(mask.shape)} but input_ids has shape {tuple(shape)}; "
                          f"pass one 0/1 value per token, shape (batch, seq_len).")
+    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+        bad = mask[(mask != 0) & (mask != 1)].unique()[:5].tolist()
+        raise ValueError(f"`{name}` must hold only 0 and 1 (one flag per token), got values such as {bad}.")
     return mask.bool()
 
 
