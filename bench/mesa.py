@@ -11,7 +11,7 @@ gates and lambda = 1, divided by causal SDPA on the same q/k/v. Mesa ops keep fl
 CUDA, fp32 on CPU. ``--compile`` adds a row per solver for ``torch.compile(chunk_mesa, fullgraph=True)`` (the op,
 implicit backward included, traces as one graph); ``--tf32`` lets CUDA float32 matmuls use TF32 tensor cores
 (off by default, as in the reference run). ``--baseline-rev REV`` adds a row per solver for ``chunk_mesa`` as
-committed at git revision REV (its mesa_layer.py loaded on its own), to compare implementations in one run.
+committed at git revision REV (its mesa op file loaded on its own), to compare implementations in one run.
 
 Reference (H100, B=8, T=2048, 12 heads, d=64, bf16): fla mesa 0.69 ms fwd / 2.34 ms fwd+bwd, SDPA 0.15 / 0.73 ms,
 a naive PyTorch chunked CG (unrolled autograd) 39 / 178 ms. Target for the pure-PyTorch path: within 10x of fla.
@@ -48,10 +48,16 @@ def make_inputs(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch
 
 
 def chunk_mesa_at(revision: str) -> Callable:
-    """``chunk_mesa`` from tint_hf/models/mesa_opt/mesa_layer.py as committed at a git revision."""
+    """``chunk_mesa`` of the mesa op file as committed at a git revision (tint_hf/ops/mesa.py, before that
+    tint_hf/models/mesa_opt/mesa_layer.py)."""
     repo = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{revision}:tint_hf/models/mesa_opt/mesa_layer.py"], cwd=repo,
-                            capture_output=True, text=True, check=True).stdout
+    for op_file in ("tint_hf/ops/mesa.py", "tint_hf/models/mesa_opt/mesa_layer.py"):
+        shown = subprocess.run(["git", "show", f"{revision}:{op_file}"], cwd=repo, capture_output=True, text=True)
+        if shown.returncode == 0 and "def chunk_mesa(" in shown.stdout:
+            source = shown.stdout
+            break
+    else:
+        raise SystemExit(f"No mesa op (chunk_mesa) at revision {revision}.")
     path = Path(tempfile.mkdtemp()) / "mesa_layer_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("mesa_layer_baseline", path)

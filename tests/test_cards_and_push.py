@@ -148,7 +148,7 @@ def test_push_stages_code_tokenizer_and_card_loads_in_a_fresh_process_and_upload
 
     files = {p.name for p in staged.iterdir()}
     code = {"tint": {"configuration_tint.py", "modeling_tint.py"},
-            "mesa": {"configuration_mesa_opt.py", "modeling_mesa_opt.py", "mesa_layer.py"}}[kind]
+            "mesa": {"configuration_mesa_opt.py", "modeling_mesa_opt.py", "mesa_op.py"}}[kind]
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} | code <= files
     assert set(json.loads((staged / "config.json").read_text())["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     assert (staged / "README.md").read_text(encoding="utf-8").strip() == expected_card.strip()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tint_hf.ops import SOLVERS, chunk_mesa, fla_available, fla_chunk_mesa, recurrent_mesa
+from tint_hf.ops import SOLVERS, chunk_mesa, fla_available, fla_chunk_mesa, naive_mesa, recurrent_mesa
 
 DT = torch.float64
 
@@ -122,6 +122,24 @@ def test_chunked_equals_recurrent(solver, chunk_size):
         assert (h - h_ref).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_fast_forms_equal_the_naive_reference(solver):
+    """tint_hf.ops.mesa_naive (dense per-token solves, textbook CG) against the chunked and recurrent forms, from a
+    given state; and the naive exact solve against this file's own primal oracle."""
+    q, k, v, lam, g, beta = make_inputs(length=29)
+    state = random_state(2, 2, 8, 6)
+    o_naive, (h_naive, s_naive) = naive_mesa(q, k, v, lam, g, beta, state, solver=solver, cg_steps=3)
+    if solver == "gd":
+        state = (None, state[1])
+    for o, (h, s) in (chunk_mesa(q, k, v, lam, g, beta, state, solver=solver, cg_steps=3, chunk_size=8),
+                      recurrent_mesa(q, k, v, lam, g, beta, state, solver=solver, cg_steps=3)):
+        assert (o - o_naive).abs().max() < 1e-10
+        assert (s - s_naive).abs().max() < 1e-12
+        assert h is None if solver == "gd" else (h - h_naive).abs().max() < 1e-12
+    if solver == "exact":
+        assert (o_naive - primal_exact(q, k, v, lam, g, beta, state)[0]).abs().max() < 1e-12
+
+
 def test_cg_with_d_steps_is_exact():
     q, k, v, lam, g, beta = make_inputs(length=37, d_k=8)
     reference, _ = primal_exact(q, k, v, lam, g, beta)
@@ -173,7 +191,7 @@ def test_chunk_states_without_a_loop_keep_float32_precision():
     """The closed-form inter-chunk states equal the sequential recurrence X <- e^G X + dX: to rounding in float64, and
     in float32 over 300 strongly decaying chunks (running log-decay down to about -900) to 1e-6 relative, which
     differences of running totals of G would miss by 25x."""
-    from tint_hf.models.mesa_opt.mesa_layer import _states_before_chunks
+    from tint_hf.ops.mesa import _states_before_chunks
 
     gen = torch.Generator().manual_seed(0)
     log_decay = -6 * torch.rand(2, 1, 300, generator=gen, dtype=DT)

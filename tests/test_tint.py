@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, OPTConfig
 
 from tint_hf import TinTConfig, TinTForCausalLM
 from tint_hf.models.tint.auxiliary import UnsupportedAuxiliaryModelError
-from tint_hf.models.tint.modeling_tint import prefix_bias, prefix_weight
+from tint_hf.models.tint.simulated_modules import prefix_bias, prefix_weight
 from tint_hf.simulate import Approximations, default_position_ids, exact_step, forward_with_params, tint_step
 
 # HF's LlamaRMSNorm normalises in float32 even in a float64 model: the Llama first pass can only match HF's stock

@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import OPTConfig
 
-from .mesa_layer import SOLVERS
+from .mesa_op import SOLVERS
 
 BACKENDS = ("torch", "fla", "auto")
 
@@ -15,7 +15,7 @@ class MesaOPTConfig(OPTConfig):
     r"""Configuration of a :class:`MesaOPTForCausalLM`: every :class:`~transformers.OPTConfig` field, plus the mesa ones.
 
     A mesa layer keeps OPT's ``q_proj``/``k_proj``/``v_proj``/``out_proj`` and replaces softmax attention by
-    ``o_t = S_t^T (H_t + Lambda)^{-1} q_t`` per head (see ``mesa_layer.py``) on L2-normalised queries and keys,
+    ``o_t = S_t^T (H_t + Lambda)^{-1} q_t`` per head (see ``mesa_op.py``, a link to ``tint_hf/ops/mesa.py``) on L2-normalised queries and keys,
     followed by a per-head RMSNorm.
 
     Args:

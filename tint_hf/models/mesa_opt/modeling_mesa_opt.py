@@ -9,7 +9,7 @@ attention input u (B, T, hidden) of a layer with ``heads`` heads of width d:
     q, k    = q / |q|, k / |k|                                 (per head and token)
     gamma   = sigmoid(f_proj(u)), beta = sigmoid(b_proj(u))    (B, heads, T); 1 when a gate is off; padding: 1, 0
     lambda  = softplus(lambda_params) + lambda_min             (heads, d)
-    o_t     = S_t^T (H_t + diag(lambda))^{-1} q_t              (mesa_layer.py; state (H, S) in float32)
+    o_t     = S_t^T (H_t + diag(lambda))^{-1} q_t              (mesa_op.py = tint_hf/ops/mesa.py; state (H, S) in float32)
     y       = out_proj(concat_heads(RMSNorm_head(o) * o_norm.weight))
 
 Generation uses a :class:`~transformers.DynamicCache` (the ``cache`` argument of transformers >= 5.24) built from
@@ -37,7 +37,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_mesa_opt import MesaOPTConfig
-from .mesa_layer import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
+from .mesa_op import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
 
 MESA_PARAMETERS = frozenset({"lambda_params", "f_proj", "b_proj", "o_norm"})
 """Names of the parameters a mesa layer adds to OPT's attention (everything else is loaded from OPT)."""
