@@ -3,7 +3,8 @@
     python bench/tint.py                                   # OPT-125M shapes, random weights, T=256 and 1024, CPU
     python bench/tint.py --device cuda --seq-lens 1024
 
-For each T: one TinT forward (1 simulated SGD step on the top 12 layers, train fraction 0.5, B=1, fp32) and
+For each T: one TinT forward (and one with ``return_logits_before=True``, the extra output pass of the un-updated
+model) (1 simulated SGD step on the top 12 layers, train fraction 0.5, B=1, fp32) and
 ``tint_hf.simulate.exact_step`` (forward + backward + SGD update + forward with autograd), each in a fresh worker
 process so that its peak memory (CPU: max RSS; GPU: max allocated) is its own. Also: construction time from the
 auxiliary model and the safetensors checkpoint size.
@@ -47,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     train = torch.zeros_like(ids)
     train[:, : args.seq_len // 2] = 1
     result = {}
-    if args.worker == "tint":
+    if args.worker in ("tint", "tint_before"):
         start = time.perf_counter()
         tint = TinTForCausalLM.from_auxiliary(aux, num_prefixes=256, inner_lr=args.lr)
         result["construction_s"] = time.perf_counter() - start
@@ -57,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
 
         @torch.no_grad()
         def run() -> None:
-            tint(ids, None, train)
+            tint(ids, None, train, return_logits_before=args.worker == "tint_before")
     else:
         def run() -> None:
             exact_step(aux, ids, None, train, lr=args.lr)
@@ -87,19 +88,20 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--worker", choices=["tint", "exact"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["tint", "tint_before", "exact"], help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     print(f"OPT-125M shapes, random weights, fp32, B=1, device={args.device}, threads={torch.get_num_threads()}")
     print(f"checkpoint (safetensors): {checkpoint_size_gb():.3f} GB")
-    print(f"{'T':>6} {'TinT s':>8} {'exact s':>8} {'TinT/exact':>11} {'TinT peak GiB':>14} {'exact peak GiB':>15} "
-          f"{'build s':>8}")
+    print(f"{'T':>6} {'TinT s':>8} {'exact s':>8} {'TinT/exact':>11} {'+before/exact':>14} {'TinT peak GiB':>14} "
+          f"{'exact peak GiB':>15} {'build s':>8}")
     for T in args.seq_lens:
-        tint, exact = spawn("tint", T, args), spawn("exact", T, args)
+        tint, before, exact = spawn("tint", T, args), spawn("tint_before", T, args), spawn("exact", T, args)
         print(f"{T:>6} {tint['seconds']:>8.2f} {exact['seconds']:>8.2f} {tint['seconds'] / exact['seconds']:>11.2f} "
-              f"{tint['peak_gib']:>14.2f} {exact['peak_gib']:>15.2f} {tint['construction_s']:>8.2f}", flush=True)
+              f"{before['seconds'] / exact['seconds']:>14.2f} {tint['peak_gib']:>14.2f} {exact['peak_gib']:>15.2f} "
+              f"{tint['construction_s']:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

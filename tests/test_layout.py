@@ -38,3 +38,9 @@ def test_model_folders_import_only_torch_transformers_and_siblings(folder):
         outside = [name for name in imported_modules(path)
                    if name.startswith("tint_hf") and not name.startswith(f"tint_hf.models.{folder}")]
         assert not outside, (path.name, outside)
+
+
+def test_the_mesa_model_folder_links_the_op_instead_of_copying_it():
+    """One mesa op: the model folder's mesa_op.py (shipped as remote code) is a link to tint_hf/ops/mesa.py."""
+    link = PACKAGE / "models" / "mesa_opt" / "mesa_op.py"
+    assert link.is_symlink() and link.resolve() == (PACKAGE / "ops" / "mesa.py").resolve()

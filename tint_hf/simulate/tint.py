@@ -141,10 +141,12 @@ class _Rules:
         return y - y.detach()
 
     def linear(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        """Descent over training-part rows only: parameter gradients from ``rows``, input gradient from all."""
+        """Descent over training-part rows only: the module's own output, minus the parameter gradient of the rows
+        outside ``rows`` (one extra product); the input gradient is untouched."""
         if self.busy:
             return None
-        return self._parameter_path(module, args[0]) + self._input_path(module, args[0])
+        weights_only = self._run(module, _module_params(module), args[0].detach())
+        return output - (1 - self.rows) * (weights_only - weights_only.detach())
 
     def norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """Gain / bias gradients (from ``rows``) exact; the input gradient of the normalisation by TinT's finite
