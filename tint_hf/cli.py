@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "tint_hf.commands.eval",
     "ppl": "tint_hf.commands.ppl",
     "prepare-data": "tint_hf.commands.prepare_data",
+    "synthetic": "tint_hf.commands.synthetic",
 }
 
 
