@@ -342,3 +342,129 @@ def test_fla_backend_refuses_solvers_it_does_not_implement(solver):
     with pytest.raises(ValueError, match="only mesa_solver='cg'"):
         MesaOPTConfig(mesa_backend="fla", mesa_solver=solver)
     assert MesaOPTConfig(mesa_backend="auto", mesa_solver=solver).mesa_solver == solver  # auto falls back to torch
+
+
+# ---------------------------------------------------------------- MesaNet options: short convolution, output gate,
+# decode CG steps, packed sequences
+
+
+def with_random_extras(model, seed=0):
+    """Random short-convolution and output-gate weights (their initialisation is the identity tap / OPT's init),
+    so that the tests see them act."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "conv1d" in name or "g_proj" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    return model
+
+
+def test_short_convolution_is_a_causal_depthwise_conv1d_with_state_and_document_resets():
+    from tint_hf.models.mesa_opt.modeling_mesa_opt import MesaShortConvolution
+
+    torch.manual_seed(0)
+    conv = MesaShortConvolution(6, 4).double()
+    torch.nn.init.normal_(conv.weight)
+    x = torch.randn(2, 11, 6, dtype=torch.float64)
+    reference = torch.nn.functional.silu(
+        torch.nn.functional.conv1d(torch.nn.functional.pad(x.mT, (3, 0)), conv.weight, groups=6)).mT
+    full, state = conv(x)
+    torch.testing.assert_close(full, reference, rtol=1e-12, atol=1e-12)
+    first, carried = conv(x[:, :5])
+    second, state_after = conv(x[:, 5:], carried)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state_after, state)
+    resets = torch.zeros(2, 11, dtype=torch.bool)
+    resets[:, [4, 6]] = True  # documents [0, 4), [4, 6), [6, 11)
+    packed, _ = conv(x, resets=resets)
+    for start, end in ((0, 4), (4, 6), (6, 11)):
+        torch.testing.assert_close(packed[:, start:end], conv(x[:, start:end])[0], rtol=1e-12, atol=1e-12)
+    short = torch.zeros(2, 3, dtype=torch.bool)
+    short[:, 2] = True  # a document starting at the last token: the state keeps only that token
+    _, kept = conv(x[:, :3], resets=short)
+    assert (kept[:, :2] == 0).all() and torch.equal(kept[:, 2], x[:, 2])
+
+
+MESANET_OPTIONS = dict(short_conv_size=4, use_output_gate=True, mesa_solver="cg", cg_steps=8, chunk_size=4)
+
+
+@pytest.mark.parametrize("mesa_layers", [[0], "all"])
+def test_mesanet_options_prefill_decode_and_generate_equal_the_full_forward(mesa_layers):
+    model = with_random_extras(mesa_model(mesa_layers=mesa_layers, **MESANET_OPTIONS))
+    assert model.model.decoder.layers[0].self_attn.q_conv1d.weight.shape == (32, 1, 4)
+    ids, mask = batch_with_left_padding()
+    full = model(ids, attention_mask=mask).logits
+    out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+    pieces = [out.logits]
+    for lo, hi in [(5, 6), (6, 7), (7, 12)]:
+        out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], cache=out.cache, use_cache=True)
+        pieces.append(out.logits)
+    assert (torch.cat(pieces, dim=1) - full)[mask.bool()].abs().max() < 1e-10
+    without = mesa_model(mesa_layers=mesa_layers, mesa_solver="cg", cg_steps=8, chunk_size=4)
+    assert (without(ids, attention_mask=mask).logits - full)[mask.bool()].abs().max() > 1e-3  # the options act
+    model.generation_config.pad_token_id = 1
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_cg_steps_decode_sets_the_decoding_solve():
+    """One mesa layer: its state does not depend on the solver, so decoding with cg_steps_decode=1 must give the
+    last token of a full forward with one CG step (solver cg1), while the prefill keeps cg_steps=30."""
+    opt = tiny_opt(num_hidden_layers=1)
+    model = mesa_model(opt, mesa_layers="all", mesa_solver="cg", cg_steps=30, cg_steps_decode=1)
+    one_step = mesa_model(opt, mesa_layers="all", mesa_solver="cg1")
+    ids, mask = batch_with_left_padding()
+    prefill = model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+    decoded = model(ids[:, -1:], attention_mask=mask, cache=prefill.cache).logits[:, -1]
+    torch.testing.assert_close(decoded, one_step(ids, attention_mask=mask).logits[:, -1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(prefill.logits, model(ids[:, :-1], attention_mask=mask[:, :-1]).logits)
+    assert (model(ids, attention_mask=mask).logits[:, -1] - decoded).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mesa_layers", [[0], "all"])
+def test_packed_documents_equal_running_them_separately(mesa_layers):
+    """position_ids restarting at 0 (DataCollatorWithFlattening's packing, no attention_mask): mesa states and
+    convolutions restart, softmax layers see only their document; each document's logits equal its own run."""
+    model = with_random_extras(mesa_model(mesa_layers=mesa_layers, **MESANET_OPTIONS))
+    gen = torch.Generator().manual_seed(3)
+    lengths = [[5, 4, 7], [9, 7]]
+    docs = [[torch.randint(3, 64, (n,), generator=gen) for n in row] for row in lengths]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    packed = model(ids, position_ids=position_ids).logits
+    for r, row in enumerate(docs):
+        start = 0
+        for doc in row:
+            alone = model(doc[None]).logits[0]
+            assert (packed[r, start : start + len(doc)] - alone).abs().max() < 1e-10
+            start += len(doc)
+    unpacked = model(ids).logits  # without the restarts the documents see each other
+    assert (unpacked[0, 5:] - packed[0, 5:]).abs().max() > 1e-3
+
+
+def test_mesanet_option_values_are_checked():
+    with pytest.raises(ValueError, match="cg_steps_decode"):
+        MesaOPTConfig(cg_steps_decode=0)
+    with pytest.raises(ValueError, match="short_conv_size"):
+        MesaOPTConfig(short_conv_size=1)
+    model = mesa_model(mesa_layers="all", mesa_backend="fla")
+    packed = dict(input_ids=torch.tensor([[5, 6, 7, 8]]), position_ids=torch.tensor([[0, 1, 0, 1]]))
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(**packed)
+    with pytest.raises(ValueError, match="take no cache"):
+        mesa_model(mesa_layers="all")(**packed, use_cache=True)
+
+
+def test_data_collator_with_flattening_gives_the_loss_of_the_separate_documents():
+    from transformers import DataCollatorWithFlattening
+
+    model = with_random_extras(mesa_model(mesa_layers=[0], **MESANET_OPTIONS))
+    gen = torch.Generator().manual_seed(5)
+    docs = [torch.randint(3, 64, (n,), generator=gen).tolist() for n in (6, 3, 8)]
+    batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": doc} for doc in docs])
+    assert "attention_mask" not in batch
+    packed_loss = model(**batch).loss
+    nll = [torch.nn.functional.cross_entropy(model(torch.tensor([doc])).logits[0, :-1], torch.tensor(doc[1:]),
+                                             reduction="sum") for doc in docs]
+    expected = sum(nll) / sum(len(doc) - 1 for doc in docs)
+    torch.testing.assert_close(packed_loss.double(), expected, rtol=1e-6, atol=0)  # HF's loss runs in float32

@@ -31,6 +31,10 @@ and the gradients of everything that defines A are those of the surrogate -<dq, 
 fixed, written out in closed form (:func:`_chunk_matvec_vjp`, so the op has no graph break under torch.compile).
 The backward therefore stores x (T x d_k) and the chunk states, never the CG iterates.
 
+Packed sequences: ``resets`` (B, T) marks the first token of each document; the state is emptied before it
+(gamma_t = 0 there, exactly: the chunked form zeroes the decay across a reset instead of adding a large negative
+log gate), so documents packed in one row give the outputs of running them one by one.
+
 States are float32 (float64 for float64 inputs) whatever the input dtype; outputs have the input dtype.
 """
 
@@ -109,13 +113,15 @@ def mesa_step(
     state: MesaState | None = None,
     solver: str = "cg",
     cg_steps: int = 30,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MesaState]:
     """One token of the mesa-layer: update (H, S), solve (H + Lambda) x = q, return o = S^T x and the new state.
 
     Args:
         q, k: (B, heads, d_k); v: (B, heads, d_v); lam: (heads, d_k) ridge diagonal (> 0);
         g: (B, heads) log forget gate (default 0); beta: (B, heads) input gate (default 1);
-        state: (H, S) before this token (zeros when None).
+        state: (H, S) before this token (zeros when None); reset: (B,) bool, True where this token starts a new
+        document (the state before it is dropped).
 
     Returns:
         o: (B, heads, d_v) in q's dtype, and the state after this token.
@@ -130,7 +136,10 @@ def mesa_step(
         s_prev = q.new_zeros(batch, heads, d_k, v.shape[-1])
     else:
         h_prev, s_prev = state
-    gamma = g.exp()[..., None, None]
+    gamma = g.exp()
+    if reset is not None:
+        gamma = gamma.masked_fill(reset.to(torch.bool)[:, None], 0.0)
+    gamma = gamma[..., None, None]
     beta = beta[..., None, None]
     s_new = gamma * s_prev + beta * k[..., :, None] * v[..., None, :]
     if solver == "gd":
@@ -157,10 +166,11 @@ def recurrent_mesa(
     initial_state: MesaState | None = None,
     solver: str = "cg",
     cg_steps: int = 30,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MesaState]:
     """The mesa-layer token by token (:func:`mesa_step` for t = 1..T).
 
-    Shapes: q, k (B, heads, T, d_k); v (B, heads, T, d_v); g, beta (B, heads, T); lam (heads, d_k).
+    Shapes: q, k (B, heads, T, d_k); v (B, heads, T, d_v); g, beta (B, heads, T); lam (heads, d_k); resets (B, T).
     Returns o (B, heads, T, d_v) and the final state (H_T, S_T).
     """
     state = initial_state
@@ -169,7 +179,7 @@ def recurrent_mesa(
         o, state = mesa_step(
             q[:, :, t], k[:, :, t], v[:, :, t], lam,
             None if g is None else g[:, :, t], None if beta is None else beta[:, :, t],
-            state, solver, cg_steps,
+            state, solver, cg_steps, None if resets is None else resets[:, t],
         )
         outputs.append(o)
     if not outputs:
@@ -290,6 +300,7 @@ def chunk_mesa(
     solver: str = "cg",
     cg_steps: int = 30,
     chunk_size: int = 64,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MesaState]:
     """The mesa-layer over a whole sequence in the chunkwise-parallel form (training, prefill).
 
@@ -297,7 +308,8 @@ def chunk_mesa(
         q, k: (B, heads, T, d_k); v: (B, heads, T, d_v); lam: (heads, d_k), > 0;
         g: (B, heads, T) log forget gate <= 0 (default 0); beta: (B, heads, T) input gate (default 1);
         initial_state: (H_0, S_0) or None for zeros; solver: one of :data:`SOLVERS`;
-        cg_steps: CG iterations for ``"cg"``; chunk_size: C, any positive size (T is padded to a multiple).
+        cg_steps: CG iterations for ``"cg"``; chunk_size: C, any positive size (T is padded to a multiple);
+        resets: (B, T) bool, True at the first token of each packed document (the state restarts there).
 
     Returns:
         o: (B, heads, T, d_v) in q's dtype, and the final state (H_T, S_T) in float32 (float64 for float64 inputs).
@@ -323,6 +335,15 @@ def chunk_mesa(
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
         mask = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp() * beta[..., None, :]
         k_to_end = k * ((b[..., -1:] - b).exp() * beta)[..., None]  # e^{b_C - b_j} beta_j k_j
+        chunk_log_decay = b[..., -1]  # G_n, (B, heads, N)
+        if resets is not None:
+            # r_j: resets in the chunk up to token j. Token i reaches token j only if r_i == r_j, the chunk start
+            # only if r_j == 0, the chunk end only if r_j == r_C; a chunk with a reset carries nothing through.
+            r = F.pad(resets.to(torch.int32), (0, pad)).reshape(batch, 1, n_chunks, chunk_size).cumsum(-1)
+            mask = mask * (r[..., :, None] == r[..., None, :])
+            decay = decay * (r == 0)
+            k_to_end = k_to_end * (r == r[..., -1:])[..., None]
+            chunk_log_decay = chunk_log_decay.masked_fill(r[..., -1] > 0, float("-inf"))
 
         # Chunk states (H_[n] | S_[n]) before every chunk n = 0..N side by side, (B, heads, N + 1, d_k, d_k + d_v);
         # H is left out for "gd".
@@ -335,7 +356,7 @@ def chunk_mesa(
         else:
             h_state = q.new_zeros(batch, heads, d_k, d_k) if h_state is None else h_state.to(dtype)
             targets, initial = torch.cat([k, v], dim=-1), torch.cat([h_state, s_state], dim=-1)
-        states = _states_before_chunks(k_to_end.mT @ targets, b[..., -1], initial)
+        states = _states_before_chunks(k_to_end.mT @ targets, chunk_log_decay, initial)
         s_chunks, s_state = states[:, :, :-1, :, -d_v:].contiguous(), states[:, :, -1, :, -d_v:]
         if keep_h:
             h_chunks, h_state = states[:, :, :-1, :, :d_k].contiguous(), states[:, :, -1, :, :d_k]

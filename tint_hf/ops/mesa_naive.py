@@ -35,11 +35,13 @@ def _conjugate_gradient(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.T
 
 def naive_mesa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, g: torch.Tensor | None = None,
                beta: torch.Tensor | None = None, initial_state: tuple[torch.Tensor | None, torch.Tensor] | None = None,
-               solver: str = "exact", cg_steps: int = 30) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+               solver: str = "exact", cg_steps: int = 30, resets: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Outputs (B, heads, T, d_v) and the final state (H, S) of the mesa-layer, token by token, in the input dtype.
 
     q, k (B, heads, T, d_k); v (B, heads, T, d_v); lam (heads, d_k); g (log forget gate) and beta (input gate)
-    (B, heads, T), default 0 and 1; ``initial_state`` (H, S) or None (zeros; H may be None for ``"gd"``).
+    (B, heads, T), default 0 and 1; ``initial_state`` (H, S) or None (zeros; H may be None for ``"gd"``);
+    ``resets`` (B, T) bool: True at the first token of a packed document, where H and S are emptied.
     """
     batch, heads, length, d_k = q.shape
     g = q.new_zeros(batch, heads, length) if g is None else g
@@ -52,6 +54,9 @@ def naive_mesa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Ten
     ridge = torch.diag_embed(lam.to(q.dtype))  # (heads, d_k, d_k)
     outputs = []
     for t in range(length):
+        if resets is not None:
+            restart = resets[:, t].to(torch.bool)[:, None, None, None]
+            h, s = h.masked_fill(restart, 0.0), s.masked_fill(restart, 0.0)
         gamma, b = g[:, :, t].exp()[..., None, None], beta[:, :, t][..., None, None]
         k_t, q_t = k[:, :, t], q[:, :, t]
         h = gamma * h + b * k_t.unsqueeze(-1) * k_t.unsqueeze(-2)

@@ -23,7 +23,11 @@ class MesaOPTConfig(OPTConfig):
             softmax attention (and a key/value cache). Normalised to a sorted list of ints.
         mesa_solver: ``"exact"`` (Cholesky), ``"cg"`` (MesaNet's conjugate gradient), ``"cg1"`` (one CG step) or
             ``"gd"`` (gated linear attention).
-        cg_steps: conjugate-gradient iterations of ``"cg"`` (training and inference alike).
+        cg_steps: conjugate-gradient iterations of ``"cg"`` over whole sequences (training, prefill).
+        cg_steps_decode: CG iterations when decoding one token at a time; None: ``cg_steps``.
+        short_conv_size: width of MesaNet's short causal depthwise convolution (+ SiLU) on q, k and v; 0 (the
+            default) leaves the projections as OPT's; MesaNet uses 4. Its last inputs are kept in the decode cache.
+        use_output_gate: multiply each head's normalised output by ``SiLU(g_proj(x))`` (MesaNet's output gate).
         chunk_size: tokens per chunk of the chunkwise-parallel form (the fla backend always uses 64).
         lambda_init / lambda_min: the ridge diagonal is ``lambda = softplus(p) + lambda_min`` per head and key
             channel, initialised to ``lambda_init``; ``lambda_min > 0`` bounds the condition number.
@@ -42,6 +46,9 @@ class MesaOPTConfig(OPTConfig):
     mesa_layers: list[int] | str = "all"
     mesa_solver: str = "cg"
     cg_steps: int = 30
+    cg_steps_decode: int | None = None
+    short_conv_size: int = 0
+    use_output_gate: bool = False
     chunk_size: int = 64
     lambda_init: float = 1.0
     lambda_min: float = 0.25
@@ -70,6 +77,10 @@ class MesaOPTConfig(OPTConfig):
             raise ValueError(f"Need 0 < lambda_min < lambda_init, got {self.lambda_min} and {self.lambda_init}.")
         if self.cg_steps < 1 or self.chunk_size < 1:
             raise ValueError("cg_steps and chunk_size must be positive.")
+        if self.cg_steps_decode is not None and self.cg_steps_decode < 1:
+            raise ValueError(f"cg_steps_decode must be positive or None (= cg_steps), got {self.cg_steps_decode}.")
+        if self.short_conv_size < 0 or self.short_conv_size == 1:
+            raise ValueError(f"short_conv_size must be 0 (off) or >= 2 (MesaNet: 4), got {self.short_conv_size}.")
         if len(self.forget_gate_windows) != 2 or not 1 < self.forget_gate_windows[0] <= self.forget_gate_windows[1]:
             raise ValueError(f"forget_gate_windows must be (shortest, longest) > 1, got {self.forget_gate_windows}.")
 

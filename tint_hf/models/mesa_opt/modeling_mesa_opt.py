@@ -6,11 +6,16 @@ the new mesa parameters. Softmax layers are HF's own ``OPTDecoderLayer``/``OPTAt
 attention input u (B, T, hidden) of a layer with ``heads`` heads of width d:
 
     q, k, v = q_proj(u), k_proj(u), v_proj(u)                 split into heads: (B, heads, T, d)
+              (with short_conv_size = K: each is SiLU(causal depthwise conv of width K) of the projection)
     q, k    = q / |q|, k / |k|                                 (per head and token)
     gamma   = sigmoid(f_proj(u)), beta = sigmoid(b_proj(u))    (B, heads, T); 1 when a gate is off; padding: 1, 0
     lambda  = softplus(lambda_params) + lambda_min             (heads, d)
     o_t     = S_t^T (H_t + diag(lambda))^{-1} q_t              (mesa_op.py = tint_hf/ops/mesa.py; state (H, S) in float32)
-    y       = out_proj(concat_heads(RMSNorm_head(o) * o_norm.weight))
+    y       = out_proj(concat_heads(RMSNorm_head(o) * o_norm.weight [* SiLU(g_proj(u)) with use_output_gate]))
+
+Packed sequences (``position_ids`` that restart at 0 for each document, no ``attention_mask``, as
+``DataCollatorWithFlattening`` makes them): mesa states and convolutions restart at each document and softmax
+layers get HF's block-diagonal causal mask.
 
 Generation uses a :class:`~transformers.DynamicCache` (the ``cache`` argument of transformers >= 5.24) built from
 ``config.layer_types``: key/value layers for softmax layers and :class:`MesaStateLayer` (the fixed-size (H, S)
@@ -39,7 +44,8 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from .configuration_mesa_opt import MesaOPTConfig
 from .mesa_op import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
 
-MESA_PARAMETERS = frozenset({"lambda_params", "f_proj", "b_proj", "o_norm"})
+MESA_PARAMETERS = frozenset({"lambda_params", "f_proj", "b_proj", "o_norm", "g_proj", "q_conv1d", "k_conv1d",
+                             "v_conv1d"})
 """Names of the parameters a mesa layer adds to OPT's attention (everything else is loaded from OPT)."""
 
 
@@ -58,6 +64,7 @@ class MesaStateLayer(CacheLayerMixin):
         super().__init__(**kwargs)
         self.h_state: torch.Tensor | None = None
         self.s_state: torch.Tensor | None = None
+        self.conv_state: torch.Tensor | None = None  # (B, K - 1, 3 * hidden): the last q/k/v projections
         self.seen_tokens = 0
 
     @property
@@ -91,9 +98,10 @@ class MesaStateLayer(CacheLayerMixin):
         if self.seen_tokens > 0:
             self.s_state = fn(self.s_state)
             self.h_state = None if self.h_state is None else fn(self.h_state)
+            self.conv_state = None if self.conv_state is None else fn(self.conv_state)
 
     def reset(self) -> None:
-        self.h_state = self.s_state = None
+        self.h_state = self.s_state = self.conv_state = None
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -115,6 +123,45 @@ class MesaStateLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
             raise NotImplementedError("A mesa layer's state cannot be rewound (no assisted or speculative decoding).")
+
+
+def document_ids(resets: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """(B, T) index of the packed document of each token: the number of resets up to it (0 continues the cache)."""
+    if resets is None:
+        return torch.zeros(batch, length, dtype=torch.int32, device=device)
+    return resets.to(torch.int32).cumsum(-1)
+
+
+class MesaShortConvolution(nn.Conv1d):
+    """MesaNet's short causal depthwise convolution with SiLU: y_t = SiLU(sum_{j<K} w_j x_{t-j}) per channel.
+
+    Inputs before the sequence come from ``state`` (the last K - 1 inputs of earlier calls, zeros at first), never
+    from another packed document (``resets``) or from padding (``token_mask``). Parameters are those of
+    ``nn.Conv1d(C, C, K, groups=C, bias=False)`` (weight (C, 1, K), the last tap on the current token).
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+                resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C); state (B, K - 1, C) or None; token_mask, resets (B, T). Returns y (B, T, C) and the state
+        after the sequence (B, K - 1, C), holding only inputs of the last document."""
+        batch, length, channels = x.shape
+        width = self.kernel_size[0]
+        if token_mask is not None:
+            x = x * token_mask[..., None].to(x.dtype)
+        history = x.new_zeros(batch, width - 1, channels) if state is None else state.to(x.dtype)
+        inputs = torch.cat([history, x], dim=1)  # (B, K - 1 + T, C)
+        docs = F.pad(document_ids(resets, batch, length, x.device), (width - 1, 0))  # history: document 0
+        weight = self.weight[:, 0].to(x.dtype)  # (C, K)
+        y = torch.zeros_like(x)
+        for lag in range(width):  # tap K - 1 - lag multiplies x_{t - lag}
+            window = slice(width - 1 - lag, width - 1 - lag + length)
+            same_doc = (docs[:, window] == docs[:, width - 1 :])[..., None]
+            y = y + weight[:, width - 1 - lag] * inputs[:, window] * same_doc
+        new_state = (inputs[:, -(width - 1) :] * (docs[:, -(width - 1) :] == docs[:, -1:])[..., None])
+        return F.silu(y), new_state
 
 
 class MesaHeadRMSNorm(nn.Module):
@@ -148,30 +195,66 @@ class MesaOPTMesaAttention(nn.Module):
         self.b_proj = nn.Linear(hidden, self.num_heads) if config.use_input_gate else None
         self.lambda_params = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
         self.o_norm = MesaHeadRMSNorm(self.num_heads, self.head_dim)
+        self.g_proj = nn.Linear(hidden, hidden, bias=False) if config.use_output_gate else None
+        width = config.short_conv_size
+        self.q_conv1d, self.k_conv1d, self.v_conv1d = (
+            (MesaShortConvolution(hidden, width) for _ in range(3)) if width else (None, None, None)
+        )
 
-    def _use_fla(self, q: torch.Tensor) -> bool:
+    def _use_fla(self, q: torch.Tensor, resets: torch.Tensor | None) -> bool:
         """Whether this call runs on flash-linear-attention's kernels (``mesa_backend``; see the config)."""
         backend = self.config.mesa_backend
-        if backend == "fla":
-            return True  # the config already refused solvers fla does not implement
-        applicable = q.is_cuda and self.config.mesa_solver == "cg" and self.head_dim <= 128
+        if backend == "fla":  # the config already refused solvers fla does not implement
+            if resets is not None:
+                raise ValueError("mesa_backend='fla' does not take packed sequences here; use mesa_backend='torch' "
+                                 "or 'auto' (which runs packed batches on the torch path).")
+            return True
+        applicable = q.is_cuda and self.config.mesa_solver == "cg" and self.head_dim <= 128 and resets is None
         return backend == "auto" and applicable and fla_available()
+
+    def _projections(self, hidden_states: torch.Tensor, layer_cache: MesaStateLayer | None,
+                     attention_mask: torch.Tensor | None, resets: torch.Tensor | None) -> list[torch.Tensor]:
+        """q, k, v (B, T, hidden): the projections, through the short convolutions when configured (their state
+        read from and written to ``layer_cache``)."""
+        q, k, v = (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_conv1d is None:
+            return [q, k, v]
+        hidden = q.shape[-1]
+        previous = None if layer_cache is None or layer_cache.conv_state is None else layer_cache.conv_state
+        outputs, states = [], []
+        for i, (conv, x) in enumerate(zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), strict=True)):
+            state = None if previous is None else previous[..., i * hidden : (i + 1) * hidden]
+            y, new_state = conv(x, state, attention_mask, resets)
+            outputs.append(y)
+            states.append(new_state)
+        if layer_cache is not None:
+            layer_cache.conv_state = torch.cat(states, dim=-1)
+        return outputs
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        resets: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, None]:
-        """hidden_states: (B, T, hidden); attention_mask: (B, T), 0 on padding, or None. Returns ((B, T, hidden), None)."""
+        """hidden_states: (B, T, hidden); attention_mask: (B, T), 0 on padding, or None; resets: (B, T) bool, True
+        at the first token of each packed document, or None. Returns ((B, T, hidden), None)."""
         bsz, length, _ = hidden_states.shape
         heads_shape = (bsz, length, self.num_heads, self.head_dim)
         dtype = state_dtype(hidden_states.dtype)
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        state = layer_cache.state if layer_cache is not None else None
+        if state is not None and state[1].shape[0] != bsz:
+            raise ValueError(
+                f"The cache holds mesa states for {state[1].shape[0]} sequences but the input has {bsz}; pass a fresh "
+                "cache (or none) for a new batch."
+            )
         # (B, heads, T, d) in the state dtype; unit-norm queries and keys
-        q = F.normalize(self.q_proj(hidden_states).view(heads_shape).transpose(1, 2).to(dtype), dim=-1, eps=1e-6)
-        k = F.normalize(self.k_proj(hidden_states).view(heads_shape).transpose(1, 2).to(dtype), dim=-1, eps=1e-6)
-        v = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2).to(dtype)
+        q, k, v = (x.view(heads_shape).transpose(1, 2).to(dtype)
+                   for x in self._projections(hidden_states, layer_cache, attention_mask, resets))
+        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         # gates: (B, heads, T); padded tokens get g = 0, beta = 0 and leave the state unchanged
         gate_shape = (bsz, self.num_heads, length)
         g = q.new_zeros(gate_shape) if self.f_proj is None else F.logsigmoid(self.f_proj(hidden_states).to(dtype)).mT
@@ -181,25 +264,22 @@ class MesaOPTMesaAttention(nn.Module):
             g, beta = g * token_mask, beta * token_mask
         lam = F.softplus(self.lambda_params.to(dtype)) + self.config.lambda_min  # (heads, d)
 
-        state = cache.layers[self.layer_idx].state if cache is not None else None
-        if state is not None and state[1].shape[0] != bsz:
-            raise ValueError(
-                f"The cache holds mesa states for {state[1].shape[0]} sequences but the input has {bsz}; pass a fresh "
-                "cache (or none) for a new batch."
-            )
         solver, cg_steps = self.config.mesa_solver, self.config.cg_steps
         if state is not None and length == 1:  # decoding: one recurrent step
-            o, state = mesa_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], lam, g[:, :, 0], beta[:, :, 0], state, solver, cg_steps)
+            decode_steps = self.config.cg_steps_decode or cg_steps
+            o, state = mesa_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], lam, g[:, :, 0], beta[:, :, 0], state, solver,
+                                 decode_steps, None if resets is None else resets[:, 0])
             o = o[:, :, None]
-        elif self._use_fla(q):
+        elif self._use_fla(q, resets):
             o, state = fla_chunk_mesa(q, k, v, lam, g, beta, state, cg_steps)
         else:  # training, prefill, or several new tokens: chunkwise-parallel form from the cached state
-            o, state = chunk_mesa(q, k, v, lam, g, beta, state, solver, cg_steps, self.config.chunk_size)
+            o, state = chunk_mesa(q, k, v, lam, g, beta, state, solver, cg_steps, self.config.chunk_size, resets)
         if cache is not None:
             cache.update(*state, self.layer_idx, num_new_tokens=length)
 
-        o = self.o_norm(o.to(dtype))  # (B, heads, T, d)
-        o = o.transpose(1, 2).reshape(bsz, length, -1).to(hidden_states.dtype)
+        o = self.o_norm(o.to(dtype)).transpose(1, 2).reshape(bsz, length, -1).to(hidden_states.dtype)  # (B, T, hidden)
+        if self.g_proj is not None:
+            o = o * F.silu(self.g_proj(hidden_states))
         return self.out_proj(o), None
 
 
@@ -233,13 +313,17 @@ class MesaOPTDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
+        resets: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """hidden_states (B, T, hidden) -> (B, T, hidden). ``attention_mask``: the (B, T) token mask for a mesa layer,
-        the causal mask of ``create_causal_mask`` for a softmax layer."""
+        the causal mask of ``create_causal_mask`` for a softmax layer (which has the packed documents in it);
+        ``resets`` (B, T): the packed documents' first tokens, for a mesa layer."""
+        mesa_only = {"resets": resets} if self.is_mesa else {}
 
         def mix(x: torch.Tensor) -> torch.Tensor:
-            return self.self_attn(x, attention_mask=attention_mask, cache=cache, position_ids=position_ids, **kwargs)[0]
+            return self.self_attn(x, attention_mask=attention_mask, cache=cache, position_ids=position_ids,
+                                  **mesa_only, **kwargs)[0]
 
         hidden_states = self._sublayer(hidden_states, self.self_attn_layer_norm, mix)
         return self._sublayer(hidden_states, self.final_layer_norm, lambda x: self.fc2(self.activation_fn(self.fc1(x))))
@@ -276,6 +360,9 @@ class MesaOPTPreTrainedModel(PreTrainedModel):
             if module.b_proj is not None:
                 init.zeros_(module.b_proj.weight)
                 init.zeros_(module.b_proj.bias)
+        if isinstance(module, MesaShortConvolution):  # starts as y_t = SiLU(x_t): the current token only
+            init.zeros_(module.weight)
+            init.constant_(module.weight[..., -1], 1.0)
 
 
 class MesaOPTDecoder(nn.Module):
@@ -336,8 +423,15 @@ class MesaOPTDecoder(nn.Module):
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]. Check the tokenizer matches the model."
                 )
             inputs_embeds = self.embed_tokens(input_ids)
+        # packed documents: position_ids restart inside the block and there is no attention_mask (HF's convention)
+        resets = None
+        if attention_mask is None and position_ids is not None:
+            resets = packed_document_starts(position_ids)
+        if resets is not None and (cache is not None or use_cache):
+            raise ValueError("Packed sequences (position_ids restarting at 0 inside a row) are a training / scoring "
+                             "format and take no cache: drop cache= / use_cache=True, or run documents as rows.")
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            use_cache = self.config.use_cache and not self.training and resets is None
         cache = self._layer_cache(cache) if use_cache or cache is not None else None
         batch, length = inputs_embeds.shape[:2]
         past_seen = cache.get_seq_length() if cache is not None else 0
@@ -362,7 +456,8 @@ class MesaOPTDecoder(nn.Module):
         causal_mask = None
         if len(self.config.mesa_layers) < self.config.num_hidden_layers:
             causal_mask = create_causal_mask(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                position_ids=position_ids,
             )
 
         if self.project_in is not None:
@@ -375,6 +470,7 @@ class MesaOPTDecoder(nn.Module):
                 attention_mask=token_mask if layer.is_mesa else causal_mask,
                 cache=cache,
                 position_ids=position_ids,
+                resets=resets,
                 **kwargs,
             )
             if all_hidden is not None:
@@ -388,6 +484,13 @@ class MesaOPTDecoder(nn.Module):
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache, hidden_states=None if all_hidden is None else tuple(all_hidden)
         )
+
+
+def packed_document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) bool, True where a packed document starts inside the block (``position_ids`` does not continue by +1,
+    HF's convention for packed sequences); None when nothing restarts."""
+    starts = F.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (1, 0))
+    return starts if bool(starts.any()) else None
 
 
 def _check_forward_kwargs(kwargs: dict) -> None:
