@@ -40,7 +40,17 @@ def test_model_folders_import_only_torch_transformers_and_siblings(folder):
         assert not outside, (path.name, outside)
 
 
-def test_the_mesa_model_folder_links_the_op_instead_of_copying_it():
-    """One mesa op: the model folder's mesa_op.py (shipped as remote code) is a link to tint_hf/ops/mesa.py."""
-    link = PACKAGE / "models" / "mesa_opt" / "mesa_op.py"
-    assert link.is_symlink() and link.resolve() == (PACKAGE / "ops" / "mesa.py").resolve()
+SHARED_MESA_FILES = {"mesa_op.py": "ops/mesa.py", "mesa_attention.py": "layers/mesa_attention.py",
+                     "mesa_config.py": "layers/mesa_config.py"}
+
+
+@pytest.mark.parametrize("folder", ["models/mesa_opt", "layers"])
+def test_mesa_folders_link_the_shared_files_instead_of_copying_them(folder):
+    """One mesa op, one mesa mixer, one set of mesa config fields: each model folder's copies (shipped as remote
+    code) are links to tint_hf/ops and tint_hf/layers."""
+    for name, target in SHARED_MESA_FILES.items():
+        path = PACKAGE / folder / name
+        if folder == "layers" and target.startswith("layers/"):
+            assert path.is_file() and not path.is_symlink(), name
+            continue
+        assert path.is_symlink() and path.resolve() == (PACKAGE / target).resolve(), name

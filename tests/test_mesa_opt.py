@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from tint_hf import MesaOPTConfig, MesaOPTForCausalLM
 from tint_hf.models.mesa_opt import MesaStateLayer
 
-MESA_PARAMETERS = {"lambda_params", "f_proj", "b_proj", "o_norm"}
+MESA_PARAMETERS = {"lambda_params", "f_proj", "b_proj", "o_norm", "g_proj", "q_conv1d", "k_conv1d", "v_conv1d"}
 
 
 def batch_with_left_padding(seed=0, length=12, vocab=64):
@@ -360,7 +360,7 @@ def with_random_extras(model, seed=0):
 
 
 def test_short_convolution_is_a_causal_depthwise_conv1d_with_state_and_document_resets():
-    from tint_hf.models.mesa_opt.modeling_mesa_opt import MesaShortConvolution
+    from tint_hf.models.mesa_opt.mesa_attention import MesaShortConvolution
 
     torch.manual_seed(0)
     conv = MesaShortConvolution(6, 4).double()

@@ -5,110 +5,21 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import OPTConfig
 
-from .mesa_op import SOLVERS
-
-BACKENDS = ("torch", "fla", "auto")
+from .mesa_config import MesaConfigMixin
 
 
 @strict
-class MesaOPTConfig(OPTConfig):
-    r"""Configuration of a :class:`MesaOPTForCausalLM`: every :class:`~transformers.OPTConfig` field, plus the mesa ones.
+class MesaOPTConfig(MesaConfigMixin, OPTConfig):
+    r"""Configuration of a :class:`MesaOPTForCausalLM`: every :class:`~transformers.OPTConfig` field, plus the mesa
+    fields of ``MesaConfigMixin`` (``mesa_config.py``: ``mesa_layers``, ``mesa_solver``, ``cg_steps``, gates,
+    ``short_conv_size``, ``use_output_gate``, ``mesa_backend``, ...).
 
     A mesa layer keeps OPT's ``q_proj``/``k_proj``/``v_proj``/``out_proj`` and replaces softmax attention by
-    ``o_t = S_t^T (H_t + Lambda)^{-1} q_t`` per head (see ``mesa_op.py``, a link to ``tint_hf/ops/mesa.py``) on L2-normalised queries and keys,
-    followed by a per-head RMSNorm.
-
-    Args:
-        mesa_layers: indices of the decoder layers that use the mesa-layer, or ``"all"``; the other layers keep
-            softmax attention (and a key/value cache). Normalised to a sorted list of ints.
-        mesa_solver: ``"exact"`` (Cholesky), ``"cg"`` (MesaNet's conjugate gradient), ``"cg1"`` (one CG step) or
-            ``"gd"`` (gated linear attention).
-        cg_steps: conjugate-gradient iterations of ``"cg"`` over whole sequences (training, prefill).
-        cg_steps_decode: CG iterations when decoding one token at a time; None: ``cg_steps``.
-        short_conv_size: width of MesaNet's short causal depthwise convolution (+ SiLU) on q, k and v; 0 (the
-            default) leaves the projections as OPT's; MesaNet uses 4. Its last inputs are kept in the decode cache.
-        use_output_gate: multiply each head's normalised output by ``SiLU(g_proj(x))`` (MesaNet's output gate).
-        chunk_size: tokens per chunk of the chunkwise-parallel form (the fla backend always uses 64).
-        lambda_init / lambda_min: the ridge diagonal is ``lambda = softplus(p) + lambda_min`` per head and key
-            channel, initialised to ``lambda_init``; ``lambda_min > 0`` bounds the condition number.
-        use_forget_gate: gamma_t = sigmoid(f_proj(x_t)) per head; otherwise gamma = 1 (no forgetting).
-        forget_gate_windows: (shortest, longest) initial memory window 1 / (1 - gamma) in tokens, log-spaced
-            over the heads (the forget-gate bias initialisation).
-        use_input_gate: beta_t = sigmoid(b_proj(x_t)) per head; otherwise beta = 1.
-        mesa_backend: ``"torch"`` (pure PyTorch, any device), ``"fla"`` (flash-linear-attention kernels, CUDA; only
-            solver ``"cg"`` and head width <= 128, refused otherwise) or ``"auto"`` (fla when importable, on CUDA and
-            applicable, else torch).
-        layer_types: derived, one of ``"mesa"`` / ``"full_attention"`` per layer (sets up the generation cache).
+    ``o_t = S_t^T (H_t + Lambda)^{-1} q_t`` per head (``mesa_op.py``, a link to ``tint_hf/ops/mesa.py``) on
+    L2-normalised queries and keys, followed by a per-head RMSNorm.
     """
 
     model_type = "mesa_opt"
-
-    mesa_layers: list[int] | str = "all"
-    mesa_solver: str = "cg"
-    cg_steps: int = 30
-    cg_steps_decode: int | None = None
-    short_conv_size: int = 0
-    use_output_gate: bool = False
-    chunk_size: int = 64
-    lambda_init: float = 1.0
-    lambda_min: float = 0.25
-    use_forget_gate: bool = True
-    forget_gate_windows: list[float] | tuple[float, float] = (16.0, 2048.0)
-    use_input_gate: bool = True
-    mesa_backend: str = "torch"
-    layer_types: list[str] | None = None
-
-    def __post_init__(self, **kwargs):
-        kwargs.pop("model_type", None)  # an OPT config.json read into MesaOPTConfig says "opt"; this is "mesa_opt"
-        super().__post_init__(**kwargs)
-        self._derive_layer_types()
-        self.forget_gate_windows = [float(w) for w in self.forget_gate_windows]
-        self.validate_layer_type()
-        if self.mesa_solver not in SOLVERS:
-            raise ValueError(f"mesa_solver must be one of {SOLVERS}, got {self.mesa_solver!r}.")
-        if self.mesa_backend not in BACKENDS:
-            raise ValueError(f"mesa_backend must be one of {BACKENDS}, got {self.mesa_backend!r}.")
-        if self.mesa_backend == "fla" and self.mesa_solver != "cg":
-            raise ValueError(f"mesa_backend='fla' implements only mesa_solver='cg' (got {self.mesa_solver!r}); use "
-                             "mesa_backend='torch' or 'auto' (fla where it applies) for the other solvers.")
-        if self.mesa_backend == "fla" and self.hidden_size // self.num_attention_heads > 128:
-            raise ValueError("mesa_backend='fla' needs a head width <= 128; use mesa_backend='torch' or 'auto'.")
-        if not 0 < self.lambda_min < self.lambda_init:
-            raise ValueError(f"Need 0 < lambda_min < lambda_init, got {self.lambda_min} and {self.lambda_init}.")
-        if self.cg_steps < 1 or self.chunk_size < 1:
-            raise ValueError("cg_steps and chunk_size must be positive.")
-        if self.cg_steps_decode is not None and self.cg_steps_decode < 1:
-            raise ValueError(f"cg_steps_decode must be positive or None (= cg_steps), got {self.cg_steps_decode}.")
-        if self.short_conv_size < 0 or self.short_conv_size == 1:
-            raise ValueError(f"short_conv_size must be 0 (off) or >= 2 (MesaNet: 4), got {self.short_conv_size}.")
-        if len(self.forget_gate_windows) != 2 or not 1 < self.forget_gate_windows[0] <= self.forget_gate_windows[1]:
-            raise ValueError(f"forget_gate_windows must be (shortest, longest) > 1, got {self.forget_gate_windows}.")
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        # Keep the derived fields in step when mesa_layers is changed after construction, e.g. by
-        # MesaOPTForCausalLM.from_pretrained(path, mesa_layers=[...]) or config.mesa_layers = [...].
-        if name == "mesa_layers" and "layer_types" in self.__dict__:
-            self._derive_layer_types()
-
-    def _derive_layer_types(self) -> None:
-        """Normalise ``mesa_layers`` (``"all"`` or indices, negative allowed) and set ``layer_types`` from it."""
-        n_layers = self.num_hidden_layers
-        if isinstance(self.mesa_layers, str) and self.mesa_layers != "all":
-            raise ValueError(f"mesa_layers must be 'all' or a list of layer indices, got {self.mesa_layers!r}.")
-        layers = range(n_layers) if self.mesa_layers == "all" else self.mesa_layers
-        outside = [i for i in layers if not -n_layers <= int(i) < n_layers]
-        if outside:
-            raise ValueError(f"mesa_layers {outside} are outside the {n_layers} decoder layers "
-                             f"(use indices in [{-n_layers}, {n_layers - 1}]).")
-        self.__dict__["mesa_layers"] = sorted({int(i) % n_layers for i in layers})
-        self.layer_types = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(n_layers)]
-
-    def validate_layer_type(self):
-        """``layer_types`` is derived from ``mesa_layers``; ``"mesa"`` is the cache layer type of mesa layers."""
-        expected = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(self.num_hidden_layers)]
-        if self.layer_types != expected:
-            raise ValueError(f"layer_types {self.layer_types} disagree with mesa_layers {self.mesa_layers}.")
 
 
 __all__ = ["MesaOPTConfig"]
