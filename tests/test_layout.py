@@ -31,7 +31,7 @@ def test_the_reference_imports_nothing_from_the_model_it_checks(path):
     assert not [name for name in imported_modules(path) if name.startswith("tint_hf.models")]
 
 
-@pytest.mark.parametrize("folder", ["tint", "mesa_opt"])
+@pytest.mark.parametrize("folder", ["tint", "mesa_opt", "mesa_llama"])
 def test_model_folders_import_only_torch_transformers_and_siblings(folder):
     """Each model folder uploads as remote code: no import of tint_hf outside the folder itself."""
     for path in (PACKAGE / "models" / folder).glob("*.py"):
@@ -44,7 +44,7 @@ SHARED_MESA_FILES = {"mesa_op.py": "ops/mesa.py", "mesa_attention.py": "layers/m
                      "mesa_config.py": "layers/mesa_config.py"}
 
 
-@pytest.mark.parametrize("folder", ["models/mesa_opt", "layers"])
+@pytest.mark.parametrize("folder", ["models/mesa_opt", "models/mesa_llama", "layers"])
 def test_mesa_folders_link_the_shared_files_instead_of_copying_them(folder):
     """One mesa op, one mesa mixer, one set of mesa config fields: each model folder's copies (shipped as remote
     code) are links to tint_hf/ops and tint_hf/layers."""

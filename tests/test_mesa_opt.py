@@ -96,8 +96,8 @@ def test_prefill_then_decode_equals_full_forward(mesa_kwargs):
         pieces.append(out.logits)
     real = mask.bool()
     assert (torch.cat(pieces, dim=1) - full)[real].abs().max() < 1e-10
-    layer_kinds = [type(layer) for layer in cache.layers]
-    assert layer_kinds.count(MesaStateLayer) == len(model.config.mesa_layers)
+    layer_kinds = [layer._layer_type for layer in cache.layers]  # the class may be another folder's copy
+    assert layer_kinds.count("mesa") == len(model.config.mesa_layers)
     assert cache.get_seq_length() == 12
 
 
@@ -166,7 +166,7 @@ def test_user_cache_without_mesa_layers_is_replaced_when_empty():
     model = mesa_model(mesa_layers=[0])
     ids, _ = batch_with_left_padding()
     out = model(ids, cache=DynamicCache(), use_cache=True)
-    assert isinstance(out.cache.layers[0], MesaStateLayer)
+    assert out.cache.layers[0]._layer_type == "mesa" and type(out.cache.layers[0]).__name__ == MesaStateLayer.__name__
 
 
 def test_bfloat16_model_keeps_float32_state():

@@ -3,9 +3,10 @@
 Importing the package registers its models with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM``.
 """
 
+from .models.mesa_llama import MesaLlamaConfig, MesaLlamaForCausalLM, MesaLlamaModel
 from .models.mesa_opt import MesaOPTConfig, MesaOPTForCausalLM, MesaOPTModel
 from .models.tint import TinTConfig, TinTForCausalLM, TinTModel
 
 __version__ = "0.1.0"
 
-__all__ = ["MesaOPTConfig", "MesaOPTForCausalLM", "MesaOPTModel", "TinTConfig", "TinTForCausalLM", "TinTModel"]
+__all__ = ["MesaLlamaConfig", "MesaLlamaForCausalLM", "MesaLlamaModel", "MesaOPTConfig", "MesaOPTForCausalLM", "MesaOPTModel", "TinTConfig", "TinTForCausalLM", "TinTModel"]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from .mesa_op import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
 
@@ -309,6 +309,31 @@ def check_packed_inputs(attention_mask: torch.Tensor | None, position_ids: torch
     return resets
 
 
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse ids that are not (batch, length) or lie outside the vocabulary, naming the argument."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        raise ValueError(
+            f"input_ids must lie in [0, vocab_size={vocab_size}); got values in "
+            f"[{int(input_ids.min())}, {int(input_ids.max())}]. Check the tokenizer matches the model."
+        )
+
+
+def mesa_cache(cache: Cache | None, config) -> Cache:
+    """The cache to use: the given one when its layers match ``config.layer_types`` (an empty cache of another
+    layout is replaced), else a fresh ``DynamicCache(config)`` with mesa state layers where the mesa layers are."""
+    if cache is not None:
+        # by layer type, not class: every copy of this file (each model folder, remote code) defines its own
+        # MesaStateLayer, and HF's registry keeps the last one imported for the type "mesa"
+        is_mesa = [getattr(layer, "_layer_type", None) == "mesa" for layer in cache.layers]
+        if is_mesa == [layer_type == "mesa" for layer_type in config.layer_types]:
+            return cache
+        if cache.get_seq_length() > 0:
+            raise ValueError("A mesa model needs a cache made by DynamicCache(config=model.config) (mesa state layers).")
+    return DynamicCache(config=config)
+
+
 def check_forward_kwargs(kwargs: dict, model_name: str) -> None:
     """Refuse keyword arguments a mesa model does not implement, instead of letting ``**kwargs`` swallow them."""
     if kwargs.get("output_attentions"):
@@ -360,5 +385,5 @@ def load_base_weights(model: nn.Module, base: nn.Module) -> None:
 
 
 __all__ = ["MESA_PARAMETERS", "MesaAttention", "MesaHeadRMSNorm", "MesaShortConvolution", "MesaStateLayer",
-           "check_forward_kwargs", "check_packed_inputs", "document_ids", "init_mesa_parameters",
-           "load_base_weights", "packed_document_starts"]
+           "check_forward_kwargs", "check_input_ids", "check_packed_inputs", "document_ids", "init_mesa_parameters",
+           "load_base_weights", "mesa_cache", "packed_document_starts"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, OPTForCausalLM, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -36,9 +36,11 @@ from .mesa_attention import (
     MesaAttention,
     MesaStateLayer,
     check_forward_kwargs,
+    check_input_ids,
     check_packed_inputs,
     init_mesa_parameters,
     load_base_weights,
+    mesa_cache,
 )
 
 
@@ -128,16 +130,6 @@ class MesaOPTDecoder(nn.Module):
         self.layers = nn.ModuleList(MesaOPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def _layer_cache(self, cache: Cache | None) -> Cache:
-        """The cache to use: the given one, or a fresh ``DynamicCache(config)`` (mesa state layers included)."""
-        if cache is not None:
-            is_mesa = [isinstance(layer, MesaStateLayer) for layer in cache.layers]
-            if is_mesa == [layer_type == "mesa" for layer_type in self.config.layer_types]:
-                return cache
-            if cache.get_seq_length() > 0:
-                raise ValueError("MesaOPT needs a cache made by DynamicCache(config=model.config) (mesa state layers).")
-        return DynamicCache(config=self.config)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -158,18 +150,12 @@ class MesaOPTDecoder(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-                raise ValueError(
-                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); got values in "
-                    f"[{int(input_ids.min())}, {int(input_ids.max())}]. Check the tokenizer matches the model."
-                )
+            check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         resets = check_packed_inputs(attention_mask, position_ids, cache, use_cache)  # packed documents' starts
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and resets is None
-        cache = self._layer_cache(cache) if use_cache or cache is not None else None
+        cache = mesa_cache(cache, self.config) if use_cache or cache is not None else None
         batch, length = inputs_embeds.shape[:2]
         past_seen = cache.get_seq_length() if cache is not None else 0
 

@@ -1,0 +1,30 @@
+"""Configuration of MesaLlama: a Llama-family decoder whose chosen layers use the mesa-layer instead of softmax
+attention (SmolLM2, Llama, ... : anything ``LlamaConfig`` describes)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+from .mesa_config import MesaConfigMixin
+
+
+@strict
+class MesaLlamaConfig(MesaConfigMixin, LlamaConfig):
+    r"""Configuration of a :class:`MesaLlamaForCausalLM`: every :class:`~transformers.LlamaConfig` field, the mesa
+    fields of ``MesaConfigMixin`` (``mesa_config.py``), and
+
+    Args:
+        mesa_rope: rotate the mesa layers' queries and keys with the model's RoPE before their L2 normalisation
+            (True, the pretrained projections' convention) or not (False: a position-free mesa layer).
+
+    A mesa layer keeps Llama's ``q_proj``/``k_proj``/``v_proj``/``o_proj``; grouped key/value heads each hold one
+    state (H, S) shared by their query heads.
+    """
+
+    model_type = "mesa_llama"
+
+    mesa_rope: bool = True
+
+
+__all__ = ["MesaLlamaConfig"]

@@ -1,0 +1,1 @@
+../../layers/mesa_attention.py
