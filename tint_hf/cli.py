@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "ppl": "tint_hf.commands.ppl",
     "prepare-data": "tint_hf.commands.prepare_data",
     "synthetic": "tint_hf.commands.synthetic",
+    "convert-mesa": "tint_hf.commands.convert_mesa",
 }
 
 

@@ -1,0 +1,128 @@
+"""The mesa conversion recipe (tint_hf.conversion): each stage lowers its own objective on tiny OPT and Llama
+teachers, the pipeline resumes after its last finished stage, and its checkpoints load and generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama, tiny_opt
+from transformers import AutoModelForCausalLM
+
+from tint_hf.conversion import (
+    ConversionSettings,
+    calibrate,
+    convert,
+    decoder_layers,
+    distillation_loss,
+    finetune,
+    head_rms,
+    init_student,
+    transfer,
+    transfer_loss,
+)
+from tint_hf.conversion import _Recorder as Recorder
+
+TEACHERS = {"opt": lambda: tiny_opt(dtype=torch.float32), "llama": lambda: tiny_llama(dtype=torch.float32)}
+
+
+def blocks(n=24, length=16, seed=0):
+    return torch.randint(3, 64, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(TEACHERS))
+def test_calibration_matches_the_teachers_head_rms(family):
+    teacher = TEACHERS[family]()
+    student = init_student(teacher, [1], mesa_solver="cg", cg_steps=8)
+    data = blocks()
+    calibrate(student, teacher, data)
+    rms = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        recorder = Recorder(model, [1])
+        with torch.no_grad():
+            model(data)
+        recorder.close()
+        rms[name] = head_rms(recorder.heads[1], decoder_layers(student)[1].self_attn.num_heads)
+    torch.testing.assert_close(rms["student"], rms["teacher"], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("family", sorted(TEACHERS))
+def test_attention_transfer_and_lora_kl_lower_their_objectives(family):
+    teacher = TEACHERS[family]()
+    student = init_student(teacher, [0, 1], mesa_solver="cg", cg_steps=8)
+    train, held_out = blocks(), blocks(8, seed=1)
+    original = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    with torch.no_grad():
+        before = float(transfer_loss(student, teacher, held_out))
+    losses = transfer(student, teacher, train, steps=20, lr=1e-2, progress=False)
+    with torch.no_grad():
+        after = float(transfer_loss(student, teacher, held_out))
+    assert len(losses) == 20 and after < 0.9 * before, (before, after)
+    seen = train[:8]  # random tokens: the objective can only fall on the data it is fitted to
+    with torch.no_grad():
+        kl_before = float(distillation_loss(student, teacher, seen, 1.0))
+    student, losses = finetune(student, teacher, train[:8], steps=20, lr=3e-3, rank=4, progress=False)
+    with torch.no_grad():
+        kl_after = float(distillation_loss(student, teacher, seen, 1.0))
+    assert kl_after < kl_before, (kl_before, kl_after)
+    assert not any("lora" in name for name, _ in student.named_parameters())  # merged
+    assert all(torch.equal(p, original[name]) for name, p in teacher.named_parameters())  # the teacher never trains
+
+
+def test_convert_saves_each_stage_resumes_and_refuses_other_settings(tmp_path):
+    teacher = tiny_opt(dtype=torch.float32)
+    settings = ConversionSettings(mesa_layers=[1], mesa=dict(mesa_solver="cg", cg_steps=8), transfer_steps=6,
+                                  finetune_steps=4, lora_rank=2)
+    out = tmp_path / "conv"
+    model = convert(teacher, blocks(), out, settings, eval_blocks=blocks(4, seed=2), progress=False)
+    record = json.loads((out / "stages.json").read_text())
+    assert list(record["stages"]) == ["init", "calibrate", "transfer", "finetune"]
+    assert all("perplexity" in facts for facts in record["stages"].values()) and "teacher_perplexity" in record
+    # an interrupted run: the last stage is missing; the rerun redoes only that one
+    del record["stages"]["finetune"]
+    (out / "stages.json").write_text(json.dumps(record))
+    again = convert(teacher, blocks(), out, settings, progress=False)
+    redone = json.loads((out / "stages.json").read_text())
+    assert redone["stages"]["transfer"] == record["stages"]["transfer"] and "finetune" in redone["stages"]
+    with pytest.raises(ValueError, match="other settings"):
+        convert(teacher, blocks(), out, ConversionSettings(mesa_layers=[0]), progress=False)
+    # the final checkpoint loads as a mesa model and generates the same with and without its cache
+    loaded = AutoModelForCausalLM.from_pretrained(out / "finetune")
+    ids = blocks(2, 6, seed=3)
+    torch.testing.assert_close(loaded(ids).logits, again(ids).logits)
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(loaded.generate(ids, **kwargs), loaded.generate(ids, use_cache=False, **kwargs))
+    assert type(model).__name__ == "MesaOPTForCausalLM"
+
+
+def test_bad_conversion_requests_are_refused():
+    with pytest.raises(TypeError, match="OPT and Llama-family"):
+        init_student(tiny_gpt2(), [0])
+    with pytest.raises(ValueError, match="unknown"):
+        ConversionSettings(mesa_layers=[0], stages=("distil",))
+    with pytest.raises(ValueError, match="order"):
+        ConversionSettings(mesa_layers=[0], stages=("transfer", "calibrate"))
+    with pytest.raises(ValueError, match="empty"):
+        ConversionSettings(mesa_layers=[])
+
+
+def test_convert_mesa_cli_runs_every_stage_on_a_local_model(tmp_path, capsys):
+    from tint_hf.assets import load_gpt2_tokenizer
+    from tint_hf.cli import console_main
+    from tint_hf.commands.demo import tiny_demo_model
+
+    tokenizer = load_gpt2_tokenizer()
+    tiny_demo_model(len(tokenizer)).save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    out = tmp_path / "mesa"
+    argv = ["convert-mesa", "--model", str(tmp_path / "opt"), "--layers", "1", "--cg-steps", "4",
+            "--transfer-steps", "2", "--finetune-steps", "2", "--lora-rank", "2", "--block-size", "64",
+            "--batch-size", "2", "--out", str(out), "--no-plot", "--quiet"]
+    assert console_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "teacher perplexity" in printed and "finetune   perplexity" in printed
+    loaded = AutoModelForCausalLM.from_pretrained(out / "finetune")
+    assert loaded.config.mesa_layers == [1] and (out / "finetune" / "tokenizer.json").exists()
+    assert console_main(argv[:-4] + ["--lora-rank", "3", "--out", str(out), "--no-plot", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err

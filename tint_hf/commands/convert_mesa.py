@@ -1,0 +1,112 @@
+"""``tint-hf convert-mesa``: turn an OPT or Llama-family model into a (hybrid) mesa model (:mod:`tint_hf.conversion`).
+
+Stages (each saved to ``<out>/<stage>``, resumable): init, calibrate, transfer (attention transfer), finetune
+(LoRA + KL to the original). Text: ``--text-file`` (default: the shipped State of the Union sample), cut into blocks;
+the last ``--eval-fraction`` of it (the later years of the sample) is held out for the perplexity of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..assets import sample_text
+from .eval import DTYPES, load_model
+
+HELP = "Convert chosen layers of an OPT / Llama-family model to mesa layers: calibrate, attention transfer, LoRA + KL."
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated layer indices, got {text!r}.") from error
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="OPT or Llama-family causal LM: a local folder or a Hub id.")
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder or id (default: --model).")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model (dequantised; needs `gguf`).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--layers", type=_layers, required=True, help="Decoder layers to convert, e.g. 26,27,28,29.")
+    parser.add_argument("--solver", default="cg", help="mesa_solver: exact, cg, cg1 or gd (linear attention).")
+    parser.add_argument("--cg-steps", type=int, default=30)
+    parser.add_argument("--short-conv-size", type=int, default=0, help="MesaNet's short convolution width (0: off).")
+    parser.add_argument("--output-gate", action="store_true", help="MesaNet's SiLU output gate.")
+    parser.add_argument("--stages", default="calibrate,transfer,finetune",
+                        help="Comma-separated stages after the initialisation, in order.")
+    parser.add_argument("--transfer-steps", type=int, default=200)
+    parser.add_argument("--transfer-lr", type=float, default=1e-3)
+    parser.add_argument("--train-qkv", action="store_true", help="Attention transfer also trains q/k/v.")
+    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--text-file", type=Path, default=None, help="UTF-8 training text (default: shipped sample).")
+    parser.add_argument("--eval-fraction", type=float, default=0.2, help="Held-out share, taken from the end.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="Output folder (one sub-folder per stage).")
+    parser.add_argument("--no-plot", action="store_true", help="Skip losses.png (no matplotlib needed).")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..conversion import ConversionSettings, convert
+    from ..evaluation import text_blocks
+
+    if not 0 < args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must lie in (0, 1), got {args.eval_fraction}.")
+    if args.text_file is not None and not args.text_file.is_file():
+        raise FileNotFoundError(f"--text-file {args.text_file} does not exist.")
+    if not args.no_plot:
+        from .._optional import require
+
+        require("matplotlib", "plot", "tint-hf convert-mesa's losses.png (or pass --no-plot)")
+    mesa = dict(mesa_solver=args.solver, cg_steps=args.cg_steps, short_conv_size=args.short_conv_size,
+                use_output_gate=args.output_gate)
+    settings = ConversionSettings(
+        mesa_layers=args.layers, mesa=mesa, stages=tuple(s for s in args.stages.split(",") if s),
+        transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr, train_qkv=args.train_qkv,
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank,
+        kl_weight=args.kl_weight, batch_size=args.batch_size, seed=args.seed)
+    teacher, tokenizer = load_model(args)
+    text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
+    blocks = text_blocks(tokenizer, text, args.block_size)
+    held_out = max(1, int(round(args.eval_fraction * len(blocks))))
+    if held_out >= len(blocks):
+        raise ValueError(f"The text gives {len(blocks)} blocks of {args.block_size} tokens: too few to hold out "
+                         f"{held_out}; use a longer text or a smaller --block-size.")
+    convert(teacher, blocks[:-held_out], args.out, settings, eval_blocks=blocks[-held_out:], progress=not args.quiet)
+    record = json.loads((args.out / "stages.json").read_text())
+    for stage in record["stages"]:  # every stage folder loads with its tokenizer
+        tokenizer.save_pretrained(args.out / stage)
+    print(f"teacher perplexity {record.get('teacher_perplexity', float('nan')):.3f}")
+    for stage, facts in record["stages"].items():
+        print(f"{stage:10s} perplexity {facts['perplexity']:.3f}")
+    if not args.no_plot:
+        plot_losses(record, args.out / "losses.png")
+    return 0
+
+
+def plot_losses(record: dict, path: Path) -> None:
+    """Training loss per step of the transfer and finetune stages, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: facts["losses"] for name, facts in record["stages"].items() if "losses" in facts}
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, losses) in zip(axes[0], curves.items(), strict=True):
+        ax.plot(range(1, len(losses) + 1), losses)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

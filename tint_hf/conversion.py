@@ -1,0 +1,341 @@
+"""Converting a pretrained transformer into a (hybrid) mesa model: initialisation, then three stages, each lowering
+its own objective against the frozen original (the teacher).
+
+0. ``init``: :meth:`MesaOPTForCausalLM.from_opt` / :meth:`MesaLlamaForCausalLM.from_llama` (every weight reused).
+1. ``calibrate``: per converted layer and head, scale the output norm's weight so that the RMS of the mesa head's
+   output (the output projection's input) equals the teacher's softmax head's, on calibration batches.
+2. ``transfer`` (attention transfer): per converted layer, minimise the MSE between the mesa mixer's output and the
+   teacher's softmax attention output, both fed the teacher's cached mixer input; only the mesa parameters train
+   (plus q/k/v with ``train_qkv``).
+3. ``finetune``: LoRA (peft) on the converted layers' projections, mesa parameters trainable, with loss
+   ``CE(labels) + kl_weight * KL(teacher || student)`` per token; the adapters are merged at the end.
+
+:func:`convert` runs the stages into a folder, one sub-folder per finished stage (a loadable checkpoint) plus
+``stages.json`` (settings and loss curves); rerunning continues after the last finished stage and refuses to mix
+stages made with other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, OPTForCausalLM, PreTrainedModel
+
+from .models.mesa_llama import MesaLlamaForCausalLM
+from .models.mesa_llama.mesa_attention import MESA_PARAMETERS
+from .models.mesa_opt import MesaOPTForCausalLM
+
+STAGES = ("calibrate", "transfer", "finetune")
+
+
+@dataclass
+class ConversionSettings:
+    """What :func:`convert` does. ``mesa``: extra :class:`~tint_hf.models.mesa_llama.mesa_config.MesaConfigMixin`
+    fields (``mesa_solver``, ``cg_steps``, ...)."""
+
+    mesa_layers: list[int]
+    mesa: dict = field(default_factory=dict)
+    stages: tuple[str, ...] = STAGES
+    transfer_steps: int = 200
+    transfer_lr: float = 1e-3
+    train_qkv: bool = False
+    finetune_steps: int = 200
+    finetune_lr: float = 5e-4
+    lora_rank: int = 8
+    kl_weight: float = 1.0
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"stages {unknown} unknown; choose from {STAGES} (in that order).")
+        if list(self.stages) != [s for s in STAGES if s in self.stages]:
+            raise ValueError(f"stages must keep the order {STAGES}, got {list(self.stages)}.")
+        if not self.mesa_layers:
+            raise ValueError("mesa_layers is empty: name the layers to convert (e.g. [8, 9, 10, 11]).")
+        self.stages = tuple(self.stages)
+
+
+def init_student(teacher: PreTrainedModel, mesa_layers: Sequence[int], **mesa_kwargs) -> PreTrainedModel:
+    """The mesa model initialised from ``teacher`` (OPT or a Llama-family model); other families are refused."""
+    if isinstance(teacher, OPTForCausalLM):
+        return MesaOPTForCausalLM.from_opt(teacher, mesa_layers=list(mesa_layers), **mesa_kwargs)
+    if isinstance(teacher, LlamaForCausalLM):
+        return MesaLlamaForCausalLM.from_llama(teacher, mesa_layers=list(mesa_layers), **mesa_kwargs)
+    raise TypeError(f"Mesa conversion supports OPT and Llama-family models (OPTForCausalLM, LlamaForCausalLM), got "
+                    f"{type(teacher).__name__}.")
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder layers of an OPT / Llama-family model or of its mesa counterpart."""
+    inner = model.model
+    return inner.decoder.layers if hasattr(inner, "decoder") else inner.layers
+
+
+def output_projection(mixer: nn.Module) -> nn.Linear:
+    return mixer.out_proj if hasattr(mixer, "out_proj") else mixer.o_proj
+
+
+class _Recorder:
+    """Forward hooks that keep, per chosen layer, the mixer's input (B, T, hidden), its output (B, T, hidden) and the
+    output projection's input (B, T, heads * d); optionally replaces the mixer's input by a given tensor."""
+
+    def __init__(self, model: PreTrainedModel, layers: Sequence[int], replace_inputs: dict | None = None):
+        self.inputs, self.outputs, self.heads = {}, {}, {}
+        self.handles = []
+        for i in layers:
+            mixer = decoder_layers(model)[i].self_attn
+            self.handles.append(mixer.register_forward_pre_hook(self._pre(i, replace_inputs), with_kwargs=True))
+            self.handles.append(mixer.register_forward_hook(self._post(i), with_kwargs=True))
+            self.handles.append(output_projection(mixer).register_forward_pre_hook(self._heads(i)))
+
+    def _pre(self, i: int, replace: dict | None) -> Callable:
+        def hook(module, args, kwargs):
+            if replace is not None:
+                if args:
+                    args = (replace[i],) + tuple(args[1:])
+                else:
+                    kwargs = {**kwargs, "hidden_states": replace[i]}
+            self.inputs[i] = args[0] if args else kwargs["hidden_states"]
+            return args, kwargs
+        return hook
+
+    def _post(self, i: int) -> Callable:
+        def hook(module, args, kwargs, output):
+            self.outputs[i] = output[0]
+        return hook
+
+    def _heads(self, i: int) -> Callable:
+        def hook(module, args):
+            self.heads[i] = args[0]
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _batches(blocks: torch.Tensor, batch_size: int, steps: int, seed: int):
+    """``steps`` batches of rows of ``blocks`` (N, T), reshuffled each epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(blocks), generator=gen)
+    position = 0
+    for _ in range(steps):
+        if position + batch_size > len(order):
+            order, position = torch.randperm(len(blocks), generator=gen), 0
+        yield blocks[order[position : position + batch_size]]
+        position += batch_size
+
+
+def head_rms(per_head_input: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(heads,) RMS over batch, tokens and channels of each head's slice of (B, T, heads * d)."""
+    return per_head_input.unflatten(-1, (num_heads, -1)).double().pow(2).mean(dim=(0, 1, 3)).sqrt()
+
+
+@torch.no_grad()
+def calibrate(student: PreTrainedModel, teacher: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4
+              ) -> dict[int, list[float]]:
+    """Stage 1: multiply each converted head's ``o_norm.weight`` by RMS(teacher head) / RMS(student head) over
+    ``blocks`` (N, T). Returns the ratios applied, per layer."""
+    layers = student.config.mesa_layers
+    sums = {"teacher": {}, "student": {}}
+    for model, key in ((teacher, "teacher"), (student, "student")):
+        recorder = _Recorder(model, layers)
+        try:
+            for start in range(0, len(blocks), batch_size):
+                model(blocks[start : start + batch_size])
+                for i in layers:
+                    heads = decoder_layers(student)[i].self_attn.num_heads
+                    squares = head_rms(recorder.heads[i], heads).pow(2)
+                    sums[key][i] = sums[key].get(i, 0) + squares
+        finally:
+            recorder.close()
+    ratios = {}
+    for i in layers:
+        mixer = decoder_layers(student)[i].self_attn
+        ratio = (sums["teacher"][i] / sums["student"][i].clamp_min(1e-30)).sqrt()
+        mixer.o_norm.weight.mul_(ratio[:, None].to(mixer.o_norm.weight.dtype))
+        ratios[i] = ratio.tolist()
+    return ratios
+
+
+def mesa_parameters(student: PreTrainedModel, train_qkv: bool = False) -> list[nn.Parameter]:
+    """The converted layers' mesa parameters (and their q/k/v projections with ``train_qkv``)."""
+    chosen = []
+    for i in student.config.mesa_layers:
+        for name, param in decoder_layers(student)[i].self_attn.named_parameters():
+            if MESA_PARAMETERS.intersection(name.split(".")) or (train_qkv and name.split(".")[0] in
+                                                                ("q_proj", "k_proj", "v_proj")):
+                chosen.append(param)
+    return chosen
+
+
+def transfer_loss(student: PreTrainedModel, teacher: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
+    """Stage 2's objective on ``batch`` (B, T): sum over converted layers of mean((mesa(x_teacher) - attn(x_teacher))^2)
+    / mean(attn(x_teacher)^2), the mesa mixer fed the teacher's cached input of that layer."""
+    layers = student.config.mesa_layers
+    with torch.no_grad():
+        recorder = _Recorder(teacher, layers)
+        try:
+            teacher(batch)
+        finally:
+            recorder.close()
+        inputs, targets = recorder.inputs, recorder.outputs
+    recorder = _Recorder(student, layers, replace_inputs=inputs)
+    try:
+        student(batch)
+        return sum((recorder.outputs[i] - targets[i]).pow(2).mean() / targets[i].pow(2).mean() for i in layers)
+    finally:
+        recorder.close()
+
+
+def _train(parameters: list[nn.Parameter], objective: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
+           steps: int, lr: float, batch_size: int, seed: int, desc: str, progress: bool) -> list[float]:
+    """AdamW (no weight decay) on ``objective(batch)`` for ``steps`` batches; returns the loss per step."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    losses = []
+    bar = tqdm(_batches(blocks, batch_size, steps, seed), total=steps, desc=desc, disable=not progress)
+    for batch in bar:
+        loss = objective(batch)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {len(losses)}; lower the lr.")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return losses
+
+
+def transfer(student: PreTrainedModel, teacher: PreTrainedModel, blocks: torch.Tensor, steps: int, lr: float,
+             batch_size: int = 4, train_qkv: bool = False, seed: int = 0, progress: bool = True) -> list[float]:
+    """Stage 2: attention transfer (:func:`transfer_loss`), training only :func:`mesa_parameters`."""
+    chosen = mesa_parameters(student, train_qkv)
+    for param in student.parameters():
+        param.requires_grad_(False)
+    for param in chosen:
+        param.requires_grad_(True)
+    student.train()
+    try:
+        return _train(chosen, lambda batch: transfer_loss(student, teacher, batch), blocks, steps, lr, batch_size,
+                      seed, "attention transfer", progress)
+    finally:
+        student.eval()
+        for param in student.parameters():
+            param.requires_grad_(True)
+
+
+def distillation_loss(student: nn.Module, teacher: PreTrainedModel, batch: torch.Tensor, kl_weight: float
+                      ) -> torch.Tensor:
+    """Stage 3's objective: next-token cross-entropy + kl_weight * mean over tokens of KL(teacher || student)."""
+    with torch.no_grad():
+        teacher_logp = F.log_softmax(teacher(batch).logits[:, :-1].float(), dim=-1)
+    logits = student(batch).logits[:, :-1].float()
+    ce = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True,
+                  reduction="batchmean")
+    return ce + kl_weight * kl
+
+
+def finetune(student: PreTrainedModel, teacher: PreTrainedModel, blocks: torch.Tensor, steps: int, lr: float,
+             rank: int = 8, kl_weight: float = 1.0, batch_size: int = 4, seed: int = 0, progress: bool = True
+             ) -> tuple[PreTrainedModel, list[float]]:
+    """Stage 3: LoRA (peft, rank ``rank``) on the converted layers' q/k/v/output projections plus the mesa
+    parameters, on :func:`distillation_loss`; returns the merged model and the losses."""
+    from ._optional import require
+
+    peft = require("peft", "peft", "The LoRA fine-tuning stage of the mesa conversion")
+    out_name = "out_proj" if isinstance(student, MesaOPTForCausalLM) else "o_proj"
+    layers = "|".join(str(i) for i in student.config.mesa_layers)
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                             target_modules=rf".*\.layers\.({layers})\.self_attn\.(q_proj|k_proj|v_proj|{out_name})")
+    wrapped = peft.get_peft_model(student, config)
+    for param in mesa_parameters(wrapped.base_model.model):
+        param.requires_grad_(True)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    wrapped.train()
+    losses = _train(trainable, lambda batch: distillation_loss(wrapped, teacher, batch, kl_weight), blocks, steps, lr,
+                    batch_size, seed, "LoRA + KL", progress)
+    merged = wrapped.merge_and_unload().eval()
+    for param in merged.parameters():
+        param.requires_grad_(True)
+    return merged, losses
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) of ``blocks`` (N, T)."""
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        logits = model(batch).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str | Path, settings: ConversionSettings,
+            eval_blocks: torch.Tensor | None = None, progress: bool = True) -> PreTrainedModel:
+    """Run ``settings.stages`` after the initialisation, saving each finished stage to ``out_dir/<stage>`` and its
+    record (settings, losses, held-out perplexity when ``eval_blocks`` is given) to ``out_dir/stages.json``.
+
+    Resumable: a rerun with the same settings loads the last finished stage and runs only the rest; a folder made
+    with other settings is refused rather than mixed or overwritten.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record_path = out_dir / "stages.json"
+    wanted = json.loads(json.dumps(asdict(settings)))
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"settings": wanted, "stages": {}}
+    if record["settings"] != wanted:
+        raise ValueError(f"{out_dir} holds a conversion made with other settings ({record_path}); use another "
+                         "--out folder or delete it.")
+    teacher = teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+
+    def save(name: str, model: PreTrainedModel, **facts) -> None:
+        if eval_blocks is not None:
+            facts["perplexity"] = perplexity(model, eval_blocks, settings.batch_size)
+        model.save_pretrained(out_dir / name)
+        record["stages"][name] = facts
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+
+    torch.manual_seed(settings.seed)
+    finished = [s for s in ("init",) + settings.stages if s in record["stages"]]
+    if finished:
+        student = AutoModelForCausalLM.from_pretrained(out_dir / finished[-1], dtype=teacher.dtype).eval()
+    else:
+        student = init_student(teacher, settings.mesa_layers, **settings.mesa)
+        if eval_blocks is not None:
+            record["teacher_perplexity"] = perplexity(teacher, eval_blocks, settings.batch_size)
+        save("init", student)
+    for stage in settings.stages:
+        if stage in record["stages"]:
+            continue
+        if stage == "calibrate":
+            save(stage, student, ratios=calibrate(student, teacher, train_blocks[: 8 * settings.batch_size],
+                                                  settings.batch_size))
+        elif stage == "transfer":
+            losses = transfer(student, teacher, train_blocks, settings.transfer_steps, settings.transfer_lr,
+                              settings.batch_size, settings.train_qkv, settings.seed, progress)
+            save(stage, student, losses=losses)
+        else:
+            student, losses = finetune(student, teacher, train_blocks, settings.finetune_steps, settings.finetune_lr,
+                                       settings.lora_rank, settings.kl_weight, settings.batch_size, settings.seed,
+                                       progress)
+            save(stage, student, losses=losses)
+    return student
+
+
+__all__ = ["STAGES", "ConversionSettings", "calibrate", "convert", "decoder_layers", "distillation_loss", "finetune",
+           "head_rms", "init_student", "mesa_parameters", "perplexity", "transfer", "transfer_loss"]
