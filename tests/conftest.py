@@ -91,3 +91,34 @@ def llama_model() -> LlamaForCausalLM:
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     return load_gpt2_tokenizer()
+
+
+def generate_in_a_process_without_tint_hf(checkpoint, ids: torch.Tensor, mask: torch.Tensor | None, tmp_path,
+                                          max_new_tokens: int = 4) -> list:
+    """Greedy ``generate`` of ``checkpoint`` loaded with ``trust_remote_code=True`` in a fresh process in which
+    importing tint_hf fails, so that only the code saved with the checkpoint can run; returns the ids as lists."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    mask_arg = "" if mask is None else f", attention_mask=torch.tensor({mask.tolist()})"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        class _BlockTintHF:
+            def find_spec(self, name, path=None, target=None):
+                if name == "tint_hf" or name.startswith("tint_hf."):
+                    raise ImportError("tint_hf is blocked in this process")
+        sys.meta_path.insert(0, _BlockTintHF())
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True, dtype=torch.float64)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        out = model.generate(torch.tensor({ids.tolist()}){mask_arg}, max_new_tokens={max_new_tokens}, do_sample=False)
+        print(out.tolist())
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

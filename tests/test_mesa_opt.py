@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import tiny_opt
+from conftest import generate_in_a_process_without_tint_hf, tiny_opt
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from tint_hf import MesaOPTConfig, MesaOPTForCausalLM
@@ -238,25 +234,7 @@ def test_remote_code_loads_without_tint_hf(tmp_path):
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mesa_opt.MesaOPTForCausalLM"
     ids, mask = batch_with_left_padding()
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    script = textwrap.dedent(f"""
-        import sys, torch
-        class _BlockTintHF:
-            def find_spec(self, name, path=None, target=None):
-                if name == "tint_hf" or name.startswith("tint_hf."):
-                    raise ImportError("tint_hf is blocked in this process")
-        sys.meta_path.insert(0, _BlockTintHF())
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True,
-                                                     dtype=torch.float64)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
-        print(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False).tolist())
-    """)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected.tolist()
+    assert generate_in_a_process_without_tint_hf(tmp_path / "ckpt", ids, mask, tmp_path) == expected.tolist()
 
 
 def test_training_step_reaches_every_mesa_parameter():

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .mesa_op import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
 
@@ -334,6 +336,56 @@ def mesa_cache(cache: Cache | None, config) -> Cache:
     return DynamicCache(config=config)
 
 
+@dataclass
+class MesaInputs:
+    """What a mesa model's forward starts from: embeddings (B, T, width), the cache (or None), the number of tokens
+    it holds, the packed documents' starts (B, T) or None, and the (B, T) token mask of the new tokens or None."""
+
+    inputs_embeds: torch.Tensor
+    cache: Cache | None
+    past_seen: int
+    resets: torch.Tensor | None
+    token_mask: torch.Tensor | None
+
+
+def prepare_mesa_inputs(model: nn.Module, model_name: str, input_ids: torch.Tensor | None,
+                        inputs_embeds: torch.Tensor | None, attention_mask: torch.Tensor | None, cache: Cache | None,
+                        use_cache: bool | None, position_ids: torch.Tensor | None, kwargs: dict) -> MesaInputs:
+    """The checks and set-up shared by the mesa models' forwards: unknown keyword arguments refused, exactly one of
+    ``input_ids`` / ``inputs_embeds`` (ids checked and embedded by ``model.embed_tokens``), packed documents found,
+    a cache built only outside training (or when given) and never for packed inputs, the mask's shape checked."""
+    check_forward_kwargs(kwargs, model_name)
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+    if input_ids is not None:
+        check_input_ids(input_ids, model.config.vocab_size)
+        inputs_embeds = model.embed_tokens(input_ids)
+    resets = check_packed_inputs(attention_mask, position_ids, cache, use_cache)
+    if use_cache is None:
+        use_cache = model.config.use_cache and not model.training and resets is None
+    cache = mesa_cache(cache, model.config) if use_cache or cache is not None else None
+    batch, length = inputs_embeds.shape[:2]
+    past_seen = cache.get_seq_length() if cache is not None else 0
+    if attention_mask is not None and attention_mask.shape != (batch, past_seen + length):
+        raise ValueError(f"attention_mask must be (batch, past + new tokens) = {(batch, past_seen + length)}, got "
+                         f"{tuple(attention_mask.shape)}.")
+    token_mask = None if attention_mask is None else attention_mask[:, -length:]
+    return MesaInputs(inputs_embeds, cache, past_seen, resets, token_mask)
+
+
+def causal_lm_outputs(model: nn.Module, outputs: BaseModelOutputWithPast, labels: torch.Tensor | None,
+                      logits_to_keep: int | torch.Tensor, num_items_in_batch: int | None) -> CausalLMOutputWithPast:
+    """``model.lm_head`` on the kept positions (``logits_to_keep``: the last N, 0 = all, or an index tensor) and,
+    with ``labels`` (B, T; -100 ignored), HF's shifted cross-entropy."""
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = model.lm_head(outputs.last_hidden_state[:, keep, :])
+    loss = None
+    if labels is not None:
+        loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size,
+                                   num_items_in_batch=num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+
+
 def check_forward_kwargs(kwargs: dict, model_name: str) -> None:
     """Refuse keyword arguments a mesa model does not implement, instead of letting ``**kwargs`` swallow them."""
     if kwargs.get("output_attentions"):
@@ -384,6 +436,6 @@ def load_base_weights(model: nn.Module, base: nn.Module) -> None:
                          f"{unexpected}, missing {not_mesa}.")
 
 
-__all__ = ["MESA_PARAMETERS", "MesaAttention", "MesaHeadRMSNorm", "MesaShortConvolution", "MesaStateLayer",
+__all__ = ["MESA_PARAMETERS", "MesaAttention", "MesaInputs", "causal_lm_outputs", "prepare_mesa_inputs", "MesaHeadRMSNorm", "MesaShortConvolution", "MesaStateLayer",
            "check_forward_kwargs", "check_input_ids", "check_packed_inputs", "document_ids", "init_mesa_parameters",
            "load_base_weights", "mesa_cache", "packed_document_starts"]

@@ -38,12 +38,10 @@ from .configuration_mesa_llama import MesaLlamaConfig
 from .mesa_attention import (
     MesaAttention,
     MesaStateLayer,
-    check_forward_kwargs,
-    check_input_ids,
-    check_packed_inputs,
+    causal_lm_outputs,
     init_mesa_parameters,
     load_base_weights,
-    mesa_cache,
+    prepare_mesa_inputs,
 )
 
 
@@ -139,24 +137,12 @@ class MesaLlamaModel(MesaLlamaPreTrainedModel):
         A cache is built (``use_cache``, default ``config.use_cache``) only outside training, or when one is given.
         ``output_hidden_states`` returns the embeddings and every layer's output (the last one after the final norm).
         """
-        check_forward_kwargs(kwargs, "MesaLlama")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        resets = check_packed_inputs(attention_mask, position_ids, cache, use_cache)  # packed documents' starts
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training and resets is None
-        cache = mesa_cache(cache, self.config) if use_cache or cache is not None else None
+        prepared = prepare_mesa_inputs(self, "MesaLlama", input_ids, inputs_embeds, attention_mask, cache, use_cache,
+                                       position_ids, kwargs)
+        inputs_embeds, cache = prepared.inputs_embeds, prepared.cache
         batch, length = inputs_embeds.shape[:2]
-        past_seen = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and attention_mask.shape != (batch, past_seen + length):
-            raise ValueError(f"attention_mask must be (batch, past + new tokens) = {(batch, past_seen + length)}, got "
-                             f"{tuple(attention_mask.shape)}.")
         if position_ids is None:
-            position_ids = (torch.arange(length, device=inputs_embeds.device) + past_seen)[None].expand(batch, -1)
-        token_mask = None if attention_mask is None else attention_mask[:, -length:]
+            position_ids = (torch.arange(length, device=inputs_embeds.device) + prepared.past_seen)[None].expand(batch, -1)
         causal_mask = None
         if len(self.config.mesa_layers) < self.config.num_hidden_layers:
             causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
@@ -168,11 +154,11 @@ class MesaLlamaModel(MesaLlamaPreTrainedModel):
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
-                attention_mask=token_mask if layer.is_mesa else causal_mask,
+                attention_mask=prepared.token_mask if layer.is_mesa else causal_mask,
                 cache=cache,
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
-                resets=resets,
+                resets=prepared.resets,
                 **kwargs,
             )
             if all_hidden is not None:
@@ -236,15 +222,7 @@ class MesaLlamaForCausalLM(MesaLlamaPreTrainedModel, GenerationMixin):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, position_ids=position_ids, **kwargs)
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                      num_items_in_batch=num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states)
+        return causal_lm_outputs(self, outputs, labels, logits_to_keep, num_items_in_batch)
 
 
 __all__ = ["MesaLlamaForCausalLM", "MesaLlamaModel", "MesaLlamaPreTrainedModel", "MesaStateLayer"]

@@ -35,12 +35,10 @@ from .configuration_mesa_opt import MesaOPTConfig
 from .mesa_attention import (
     MesaAttention,
     MesaStateLayer,
-    check_forward_kwargs,
-    check_input_ids,
-    check_packed_inputs,
+    causal_lm_outputs,
     init_mesa_parameters,
     load_base_weights,
-    mesa_cache,
+    prepare_mesa_inputs,
 )
 
 
@@ -146,28 +144,15 @@ class MesaOPTDecoder(nn.Module):
         A cache is built (``use_cache``, default ``config.use_cache``) only outside training, or when one is given.
         ``output_hidden_states`` returns the embeddings and every layer's output (the last one after the final norm).
         """
-        check_forward_kwargs(kwargs, "MesaOPT")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        resets = check_packed_inputs(attention_mask, position_ids, cache, use_cache)  # packed documents' starts
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training and resets is None
-        cache = mesa_cache(cache, self.config) if use_cache or cache is not None else None
+        prepared = prepare_mesa_inputs(self, "MesaOPT", input_ids, inputs_embeds, attention_mask, cache, use_cache,
+                                       position_ids, kwargs)
+        inputs_embeds, cache, past_seen = prepared.inputs_embeds, prepared.cache, prepared.past_seen
         batch, length = inputs_embeds.shape[:2]
-        past_seen = cache.get_seq_length() if cache is not None else 0
 
         # positions count real tokens only (left padding), as in OPT
         full_mask = attention_mask
         if full_mask is None:
             full_mask = torch.ones(batch, past_seen + length, device=inputs_embeds.device, dtype=torch.long)
-        elif full_mask.shape != (batch, past_seen + length):
-            raise ValueError(
-                f"attention_mask must be (batch, past + new tokens) = {(batch, past_seen + length)}, got "
-                f"{tuple(full_mask.shape)}."
-            )
         if position_ids is None:
             position_ids = (full_mask.cumsum(1) * full_mask - 1).long()[:, past_seen:]
         if position_ids.max() + self.embed_positions.offset >= self.embed_positions.num_embeddings:
@@ -175,7 +160,6 @@ class MesaOPTDecoder(nn.Module):
                 f"Positions up to {int(position_ids.max())} exceed the position table "
                 f"(max_position_embeddings={self.config.max_position_embeddings}); shorten the input."
             )
-        token_mask = None if attention_mask is None else attention_mask[:, -length:]
         causal_mask = None
         if len(self.config.mesa_layers) < self.config.num_hidden_layers:
             causal_mask = create_causal_mask(
@@ -190,10 +174,10 @@ class MesaOPTDecoder(nn.Module):
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
-                attention_mask=token_mask if layer.is_mesa else causal_mask,
+                attention_mask=prepared.token_mask if layer.is_mesa else causal_mask,
                 cache=cache,
                 position_ids=position_ids,
-                resets=resets,
+                resets=prepared.resets,
                 **kwargs,
             )
             if all_hidden is not None:
@@ -274,24 +258,10 @@ class MesaOPTForCausalLM(MesaOPTPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Next-token logits (B, T, vocab) and, with ``labels`` (B, T; -100 ignored), the shifted cross-entropy."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        outputs = self.model.decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            position_ids=position_ids,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                      num_items_in_batch=num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states)
+        outputs = self.model.decoder(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                                     inputs_embeds=inputs_embeds, use_cache=use_cache, position_ids=position_ids,
+                                     **kwargs)
+        return causal_lm_outputs(self, outputs, labels, logits_to_keep, num_items_in_batch)
 
 
 __all__ = ["MesaOPTForCausalLM", "MesaOPTModel", "MesaOPTPreTrainedModel", "MesaStateLayer"]
