@@ -219,12 +219,15 @@ def plot(result: dict, path: Path) -> None:
 
     runs, kind = result["runs"], result["experiment"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels: dict[str, int] = {}  # one colour per model (dynamics) or seed (regression), every seed drawn
     for run in runs:
-        label = {"regression": f"seed {run['seed']}", "dynamics": f"{run.get('backbone')} x{run.get('layers')}",
-                 "plateau": run.get("strategy")}[kind]
-        if kind != "plateau":
-            axes[0].plot([p["step"] for p in run["train_loss"]], [p["loss"] for p in run["train_loss"]],
-                         label=label if run["seed"] == runs[0]["seed"] else None, alpha=0.7)
+        if kind == "plateau":
+            break
+        label = f"seed {run['seed']}" if kind == "regression" else f"{run['backbone']} x{run['layers']}"
+        first = label not in labels
+        colour = f"C{labels.setdefault(label, len(labels))}"
+        axes[0].plot([p["step"] for p in run["train_loss"]], [p["loss"] for p in run["train_loss"]], color=colour,
+                     label=label if first else None, alpha=0.7)
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("training loss")
     axes[0].set_yscale("log")
