@@ -32,6 +32,7 @@ from tint_hf.synthetic.experiments import (
     dynamics_experiment,
     plateau_experiment,
     plateau_task_for,
+    plot,
     regression_experiment,
     summary,
 )
@@ -342,6 +343,8 @@ def test_experiments_run_small_and_summarise(tmp_path):
     for result in (reg, dyn, plat):
         assert summary(result).startswith("|")
         json.dumps(result)
+        plot(result, tmp_path / f"{result['experiment']}.png")
+        assert (tmp_path / f"{result['experiment']}.png").stat().st_size > 0
 
 
 def test_cli_writes_json_and_table_and_refuses_misplaced_options(tmp_path, capsys):
