@@ -427,6 +427,17 @@ def init_mesa_parameters(module: nn.Module, config) -> None:
         init.ones_(module.weight)
 
 
+def mesa_model_from_base(model_class: type, base: nn.Module, **mesa_kwargs) -> nn.Module:
+    """``model_class`` (a mesa CausalLM) with ``base``'s configuration plus ``mesa_kwargs``, every weight of ``base``
+    (:func:`load_base_weights`), its device, dtype and generation config; in eval mode."""
+    drop = {"model_type", "architectures", "transformers_version", "auto_map"}
+    fields = {key: value for key, value in base.config.to_dict().items() if key not in drop}
+    model = model_class(model_class.config_class(**{**fields, **mesa_kwargs})).to(device=base.device, dtype=base.dtype)
+    load_base_weights(model, base)
+    model.generation_config = base.generation_config
+    return model.eval()
+
+
 def load_base_weights(model: nn.Module, base: nn.Module) -> None:
     """Copy every weight of ``base`` into ``model`` (same names); raise unless exactly the mesa parameters are left."""
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
@@ -438,4 +449,4 @@ def load_base_weights(model: nn.Module, base: nn.Module) -> None:
 
 __all__ = ["MESA_PARAMETERS", "MesaAttention", "MesaInputs", "causal_lm_outputs", "prepare_mesa_inputs", "MesaHeadRMSNorm", "MesaShortConvolution", "MesaStateLayer",
            "check_forward_kwargs", "check_input_ids", "check_packed_inputs", "document_ids", "init_mesa_parameters",
-           "load_base_weights", "mesa_cache", "packed_document_starts"]
+           "load_base_weights", "mesa_cache", "mesa_model_from_base", "packed_document_starts"]

@@ -40,7 +40,7 @@ from .mesa_attention import (
     MesaStateLayer,
     causal_lm_outputs,
     init_mesa_parameters,
-    load_base_weights,
+    mesa_model_from_base,
     prepare_mesa_inputs,
 )
 
@@ -197,13 +197,7 @@ class MesaLlamaForCausalLM(MesaLlamaPreTrainedModel, GenerationMixin):
         if not isinstance(llama, LlamaForCausalLM):
             raise TypeError(f"from_llama takes a LlamaForCausalLM (or its folder), got {type(llama).__name__}; for "
                             "OPT use MesaOPTForCausalLM.from_opt.")
-        drop = {"model_type", "architectures", "transformers_version", "auto_map"}
-        fields = {key: value for key, value in llama.config.to_dict().items() if key not in drop}
-        config = MesaLlamaConfig(**{**fields, **mesa_kwargs})
-        model = cls(config).to(device=llama.device, dtype=llama.dtype)
-        load_base_weights(model, llama)
-        model.generation_config = llama.generation_config
-        return model.eval()
+        return mesa_model_from_base(cls, llama, **mesa_kwargs)
 
     @can_return_tuple
     def forward(

@@ -37,7 +37,7 @@ from .mesa_attention import (
     MesaStateLayer,
     causal_lm_outputs,
     init_mesa_parameters,
-    load_base_weights,
+    mesa_model_from_base,
     prepare_mesa_inputs,
 )
 
@@ -235,13 +235,7 @@ class MesaOPTForCausalLM(MesaOPTPreTrainedModel, GenerationMixin):
         """
         if not isinstance(opt, OPTForCausalLM):
             opt = OPTForCausalLM.from_pretrained(opt, dtype=torch.float32)
-        drop = {"model_type", "architectures", "transformers_version", "auto_map"}
-        opt_fields = {key: value for key, value in opt.config.to_dict().items() if key not in drop}
-        config = MesaOPTConfig(**{**opt_fields, **mesa_kwargs})
-        model = cls(config).to(device=opt.device, dtype=opt.dtype)
-        load_base_weights(model, opt)
-        model.generation_config = opt.generation_config
-        return model.eval()
+        return mesa_model_from_base(cls, opt, **mesa_kwargs)
 
     @can_return_tuple
     def forward(
