@@ -74,8 +74,13 @@ def test_single_variant_in_tint_and_dynamic_modes(checkpoint, tmp_path):
 
 def test_eval_errors_name_the_fix(checkpoint, tmp_path, capsys):
     common = ["eval", "--model", str(checkpoint), "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match="choose from"):
+    with pytest.raises(SystemExit):
         main(common + ["--tasks", "MR", "--modes", "magic"])
+    assert "--modes: 'magic': use a comma-separated subset of icl, dynamic, tint" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--layers 5: .* pass --n-steps"):
+        main(common + ["--tasks", "MR", "--modes", "dynamic", "--layers", "5"])
+    with pytest.raises(SystemExit, match="Pass --tasks"):
+        main(common)
     with pytest.raises(KeyError, match="Unknown task 'IMDB'"):
         main(common + ["--tasks", "IMDB", "--data-dir", str(FIXTURES)])
     with pytest.raises(ValueError, match="prepare-data"):
@@ -101,3 +106,85 @@ def test_prepare_data_converts_to_the_canonical_layout(tmp_path):
     for split in ("train", "eval"):
         assert load_examples(task, split, data_dir=tmp_path) == load_examples(task, split, data_dir=FIXTURES)
     assert sorted(p.name for p in (tmp_path / "MR").iterdir()) == ["test.jsonl", "train.jsonl"]
+
+
+def test_grid_and_both_selection_rules(checkpoint, tmp_path):
+    """--layers x --variant x --loss grid points, each with a dev-selected and a test-selected row; the test-selected
+    learning rate maximises the recorded test accuracies, and its row reports exactly that maximum."""
+    out = tmp_path / "grid"
+    assert main(["eval", "--model", str(checkpoint), "--tasks", "MR", "--data-dir", str(FIXTURES),
+                 "--modes", "dynamic,tint", "--layers", "1,2", "--n-steps", "1", "--loss", "context,label",
+                 "--variant", "single,concatenated", "--lrs", "0,0.5", "--label-lrs", "0,2", "--select", "both",
+                 "--shots", "2", "--seeds", "1", "--n-eval", "8", "--n-dev", "4", "--batch-size", "4", "--quiet",
+                 "--num-prefixes", "8", "--no-plot", "--out", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    labels = list(dict.fromkeys(r["mode"] for r in runs))
+    assert labels == [f"{m}/{variant}L{n}x1" for m in ("dynamic", "tint") for n in (1, 2)
+                      for variant in ("single/", "single/label/", "", "label/")]
+    for run in runs:
+        config = run["mode_config"]
+        assert config["n_layers"] in (1, 2) and config["n_steps"] == 1
+        assert sorted(map(float, run["selection_accuracy"])) == ([0.0, 2.0] if config["loss"] == "label"
+                                                                  else [0.0, 0.5])
+        if run["selection"] == "test":
+            best = max(run["selection_accuracy"].values())
+            assert run["accuracy"] == pytest.approx(best)
+            assert run["selection_accuracy"][repr(run["lr"])] == best
+        else:
+            assert run["selection"] == "dev" and run["dev_accuracy"] == run["selection_accuracy"]
+    assert sorted({r["selection"] for r in runs}) == ["dev", "test"]
+    assert len(runs) == 2 * 2 * 2 * 2 * 2  # modes x layers x variants x losses x selections
+    summary = (out / "summary.md").read_text()
+    assert "| dev |" in summary and "| test |" in summary
+
+
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, tmp_path, monkeypatch):
+    from tint_hf.evaluation import FewShotEvaluator
+
+    out = tmp_path / "resume"
+    args = ["eval", "--model", str(checkpoint), "--tasks", "MR", "--data-dir", str(FIXTURES), "--modes",
+            "icl,dynamic", "--shots", "0,2", "--seeds", "1,2", "--lrs", "0,0.05", "--n-eval", "8", "--n-dev", "4",
+            "--quiet", "--no-plot", "--out", str(out)]
+    assert main(args) == 0
+    complete = json.loads((out / "results.json").read_text())["runs"]
+    cells = (out / "cells.jsonl").read_text().splitlines()
+    assert len(cells) == 6  # (icl, dynamic) x (k=0 seed 1, k=2 seeds 1 and 2)
+    # a kill during the 5th cell: four finished lines and half a line
+    (out / "cells.jsonl").write_text("\n".join(cells[:4]) + "\n" + cells[4][: len(cells[4]) // 2])
+    computed = []
+    original = FewShotEvaluator._cell
+    monkeypatch.setattr(FewShotEvaluator, "_cell",
+                        lambda self, task, mode, builder, k, seed, *a: computed.append((mode.label, k, seed))
+                        or original(self, task, mode, builder, k, seed, *a))
+    assert main(args) == 0
+    assert computed == [("dynamic", 2, 1), ("dynamic", 2, 2)]
+    resumed = json.loads((out / "results.json").read_text())["runs"]
+    assert resumed == complete
+    with pytest.raises(SystemExit, match=r"other settings \(differing: lrs\).*--overwrite"):
+        main([a if a != "0,0.05" else "0,0.1" for a in args])
+    assert json.loads((out / "results.json").read_text())["runs"] == complete  # untouched
+    assert main([a if a != "0,0.05" else "0,0.1" for a in args] + ["--overwrite"]) == 0
+    assert json.loads((out / "settings.json").read_text())["lrs"] == [0.0, 0.1]
+
+
+def test_the_tint_paper_preset_sets_the_protocol_and_explicit_arguments_win():
+    import argparse
+
+    from tint_hf.commands.eval import add_arguments, layer_grid, mode_configs, resolve_defaults
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = resolve_defaults(parser.parse_args(["--preset", "tint-paper", "--model", "m", "--out", "o",
+                                               "--tasks", "SST2,MR"]))
+    assert args.tasks == ("SST2", "MR") and args.shots == (0, 32) and args.seeds == (1, 2, 3)
+    assert (args.n_eval, args.calibration, args.select, args.legacy_sampler) == (200, "icl_sfc", "both", True)
+    assert layer_grid(args) == [(12, 1), (6, 2), (3, 4)]
+    configs = mode_configs(args)
+    assert [c.label for c in configs[:5]] == ["icl", "dynamic/single/L12x1", "dynamic/single/label/L12x1",
+                                              "dynamic/query/L12x1", "dynamic/label/L12x1"]
+    assert len(configs) == 1 + 2 * 3 * 2 * 2
+    label = next(c for c in configs if c.loss == "label")
+    context = next(c for c in configs if c.adaptive and c.loss == "context")
+    assert label.lrs == (1e-3, 1e-4, 1e-5) and context.lrs == (1e-5, 1e-6, 1e-7)
+    plain = resolve_defaults(parser.parse_args(["--model", "m", "--out", "o"]))
+    assert (plain.select, plain.calibration, plain.layers, plain.legacy_sampler) == ("dev", "none", None, False)

@@ -155,7 +155,10 @@ def test_prompt_masks_mark_demonstrations_and_label_words(gpt2_tokenizer):
     assert builder.candidates == [tuple(gpt2_tokenizer.encode(" Negative")), tuple(gpt2_tokenizer.encode(" Positive"))]
     transductive = PromptBuilder(gpt2_tokenizer, get_task("MR").template(0), train_on_query=True)
     assert all(transductive.example_context(DEMOS, "great fun").train_mask)
-    assert gpt2_tokenizer.decode(builder.premise_context([]).input_ids) == "Sentiment:"  # zero-shot: lstripped
+    # the icl_sfc premise keeps its newline at k = 0 (the authors' `.strip(' ')`), and loses leading spaces after demos
+    assert gpt2_tokenizer.decode(builder.premise_context([]).input_ids) == "\nSentiment:"
+    subj = PromptBuilder(gpt2_tokenizer, get_task("Subj").template(0))
+    assert gpt2_tokenizer.decode(subj.premise_context(DEMOS[:1]).input_ids) == "a fine film . This is subjective\n\nThis is"
     rows = builder.demonstration_rows(DEMOS)
     assert [gpt2_tokenizer.decode(r.input_ids) for r in rows] == [builder.demonstration(d) for d in DEMOS]
     assert all(all(r.train_mask) for r in rows)

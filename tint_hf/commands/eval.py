@@ -9,6 +9,7 @@ Example (offline, local data in the ``DATA_DIR/<Task>/{train,test}.jsonl`` layou
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -16,13 +17,32 @@ from torch import nn
 
 from .._optional import require
 from ..evaluation import FewShotConfig, FewShotEvaluator, ModeConfig, get_task, load_examples, summarize_runs
-from ..evaluation.fewshot import MODES
+from ..evaluation.fewshot import MODES, SELECTIONS, CellStore, TintSource
 from ..evaluation.report import markdown_table, write_results
 from ..evaluation.scoring import CALIBRATIONS
 from ..simulate import Approximations
 
 HELP = "Few-shot evaluation (standard ICL, dynamic evaluation, TinT) with one scorer; writes JSON/JSONL/MD/PNG."
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+PAPER_TASKS = ("SST2", "MR", "CR", "MPQA", "Subj", "AGNews", "AmazonPolarity", "YelpPolarity")
+LAYER_STEP_BUDGET = 12  # the paper: L top layers get 12 / L steps (L = 12, 6, 3)
+
+# Arguments a preset may set; their parser default is None and DEFAULTS fills what neither the user nor a preset gave.
+DEFAULTS = dict(modes=("icl",), lrs=(1e-4,), label_lrs=None, layers=None, n_steps=None, loss=("context",),
+                variant=("concatenated",), train_on_query=False, tasks=None, shots=(0, 32), seeds=(1, 2, 3),
+                template=0, calibration="none", n_eval=200, n_dev=100, select="dev", legacy_sampler=False)
+PRESETS = {
+    # Panigrahi et al. (2023), icl_eval: 0 and 32 shots, seeds 1-3, 200 test examples, icl_sfc, the authors'
+    # demonstrations, L in {3, 6, 12} top layers with 12 / L steps, single- and multi-FT, both losses with their lr
+    # grids, the context loss on the whole prompt (query included); dev- and test-selected learning rates.
+    "tint-paper": dict(modes=("icl", "dynamic", "tint"), tasks=PAPER_TASKS, shots=(0, 32), seeds=(1, 2, 3),
+                       n_eval=200, n_dev=100, calibration="icl_sfc", template=0, legacy_sampler=True,
+                       layers=(12, 6, 3), loss=("context", "label"), lrs=(1e-5, 1e-6, 1e-7),
+                       label_lrs=(1e-3, 1e-4, 1e-5), variant=("single", "concatenated"), train_on_query=True,
+                       select="both"),
+}
+# Settings that cannot change a result: a resumed run may differ in these.
+NOT_SETTINGS = ("out", "quiet", "no_plot", "overwrite", "func", "batch_size")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -37,6 +57,43 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _choices(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = _names(text)
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated subset of {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every preset-able argument the user did not give: from ``--preset`` if set, else from DEFAULTS."""
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    for name, default in DEFAULTS.items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, preset.get(name, default))
+    return args
+
+
+def layer_grid(args: argparse.Namespace) -> list[tuple[int | None, int]]:
+    """(top layers updated, steps) per grid point: ``--layers`` with ``--n-steps``, or 12 / L steps as in the paper
+    (one step when all layers are updated)."""
+    grid = []
+    for layers in args.layers or (None,):
+        if args.n_steps is not None:
+            steps = args.n_steps
+        elif layers is None:
+            steps = 1
+        elif layers >= 1 and LAYER_STEP_BUDGET % layers == 0:
+            steps = LAYER_STEP_BUDGET // layers
+        else:
+            raise SystemExit(f"--layers {layers}: the paper's budget of {LAYER_STEP_BUDGET} layer-steps gives no "
+                             f"whole number of steps; pass --n-steps.")
+        grid.append((layers, steps))
+    return grid
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, TinT and adaptation options shared by ``eval`` and ``ppl``."""
     group = parser.add_argument_group("model")
@@ -45,15 +102,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gguf-file", default=None, help="GGUF file inside --model (dequantised; needs `gguf`).")
     group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     group.add_argument("--tint-model", default=None,
-                       help="TinT checkpoint for the tint mode (`tint-hf build`); default: built here from --model.")
+                       help="TinT checkpoint for the tint mode (`tint-hf build`); default: built here from --model "
+                            "for every --layers value.")
     group.add_argument("--num-prefixes", type=int, default=None,
                        help="P when building TinT here (default: the divisor of d nearest d / 3).")
     adapt = parser.add_argument_group("adaptation (dynamic / tint)")
-    adapt.add_argument("--modes", type=_names, default=("icl",), help=f"Comma-separated subset of {MODES}.")
-    adapt.add_argument("--lrs", type=_floats, default=(1e-4,),
-                       help="Learning rate(s) of the step on the SUMMED loss; several -> chosen on the dev subset.")
-    adapt.add_argument("--n-steps", type=int, default=1, help="SGD steps (default 1).")
-    adapt.add_argument("--n-layers", type=int, default=None, help="Update the top N decoder layers (default: all).")
+    adapt.add_argument("--modes", type=_choices(MODES), default=None, help=f"Comma-separated subset of {MODES}.")
+    adapt.add_argument("--lrs", type=_floats, default=None,
+                       help="Learning rate(s) of the step on the SUMMED loss (default 1e-4); several -> chosen per "
+                            "seed (--select).")
+    adapt.add_argument("--layers", type=_ints, default=None,
+                       help="Update the top L decoder layers, one grid point per value, e.g. 3,6,12 (default: all).")
+    adapt.add_argument("--n-steps", type=int, default=None,
+                       help="SGD steps (default: 12 / L for --layers L, as in the paper; 1 for all layers).")
     adapt.add_argument("--tint-approximations", action="store_true",
                        help="dynamic mode: TinT's approximate step (tint_step) instead of true SGD.")
     adapt.add_argument("--batch-size", type=int, default=8)
@@ -61,9 +122,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="tint-paper: the TinT paper's whole protocol and grid (see README); explicit arguments "
+                             "override it.")
     add_model_arguments(parser)
     data = parser.add_argument_group("data")
-    data.add_argument("--tasks", type=_names, required=True, help="Comma-separated task names (e.g. SST2,MR,AGNews).")
+    data.add_argument("--tasks", type=_names, default=None, help="Comma-separated task names (e.g. SST2,MR,AGNews).")
     data.add_argument("--data-dir", type=Path, default=None, help="Folder with <Task>/train.jsonl and <Task>/test.jsonl.")
     data.add_argument("--train-file", type=Path, default=None, help="Demonstration pool file (one task only).")
     data.add_argument("--eval-file", type=Path, default=None, help="Evaluation pool file (one task only).")
@@ -71,26 +135,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--text-field", default=None)
     data.add_argument("--label-field", default="label")
     proto = parser.add_argument_group("protocol")
-    proto.add_argument("--shots", type=_ints, default=(0, 32), help="Numbers of demonstrations (default 0,32).")
-    proto.add_argument("--seeds", type=_ints, default=(1, 2, 3), help="Demonstration seeds (default 1,2,3).")
-    proto.add_argument("--template", type=int, default=0, help="Template id (0 = the TinT paper's).")
-    proto.add_argument("--calibration", choices=CALIBRATIONS, default="none")
-    proto.add_argument("--n-eval", type=int, default=200, help="Balanced test subset size (default 200).")
-    proto.add_argument("--n-dev", type=int, default=100, help="Disjoint dev subset for choosing --lrs (default 100).")
+    proto.add_argument("--shots", type=_ints, default=None, help="Numbers of demonstrations (default 0,32).")
+    proto.add_argument("--seeds", type=_ints, default=None, help="Demonstration seeds (default 1,2,3).")
+    proto.add_argument("--template", type=int, default=None, help="Template id (default 0 = the TinT paper's).")
+    proto.add_argument("--calibration", choices=CALIBRATIONS, default=None, help="Default: none.")
+    proto.add_argument("--n-eval", type=int, default=None, help="Balanced test subset size (default 200).")
+    proto.add_argument("--n-dev", type=int, default=None,
+                       help="Disjoint dev subset for choosing --lrs (default 100).")
+    proto.add_argument("--select", choices=SELECTIONS, default=None,
+                       help="Choose each seed's learning rate on the dev subset (default, ours), on the test subset "
+                            "itself (the authors' scripts: an oracle number), or report both rows.")
     proto.add_argument("--eval-seed", type=int, default=0)
     proto.add_argument("--unbalanced", action="store_true", help="Do not class-balance demonstrations and subsets.")
-    proto.add_argument("--legacy-sampler", action="store_true",
-                       help="NumPy RandomState permutations (the TinT authors' exact demonstrations).")
-    proto.add_argument("--loss", choices=["context", "label"], default="context",
-                       help="Adaptation loss: every training token, or the demonstrations' label words only.")
-    proto.add_argument("--variant", choices=["concatenated", "single"], default="concatenated",
-                       help="dynamic and tint: demos in one sequence (then ICL), or each demo its own sequence and "
-                            "one summed step (then zero-shot; tint packs them as separate segments).")
-    proto.add_argument("--train-on-query", action="store_true",
-                       help="The query is part of the training part too (the paper's transductive setting).")
+    proto.add_argument("--legacy-sampler", action="store_true", default=None,
+                       help="NumPy RandomState permutations (the TinT authors' exact demonstrations and subsets).")
+    proto.add_argument("--loss", type=_choices(("context", "label")), default=None,
+                       help="Adaptation loss(es): every training token (context), the demonstrations' label words "
+                            "only (label), or both as grid points: context,label.")
+    proto.add_argument("--label-lrs", type=_floats, default=None,
+                       help="Learning rates of the label loss (default: --lrs).")
+    proto.add_argument("--variant", type=_choices(("concatenated", "single")), default=None,
+                       help="dynamic and tint: demos in one sequence, then ICL (concatenated, multi-FT), or each demo "
+                            "its own sequence and one summed step, then zero-shot (single-FT; tint packs them as "
+                            "separate segments); both: single,concatenated.")
+    proto.add_argument("--train-on-query", action="store_true", default=None,
+                       help="The query is part of the training part too (the paper's transductive context loss; "
+                            "concatenated context-loss grid points only).")
     proto.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
                        help="Prepend BOS: follow the tokenizer (auto), or force.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="Output folder. A run stopped early resumes from it (same settings); finished cells "
+                             "are not recomputed.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Discard a previous run with other settings in --out instead of refusing.")
     parser.add_argument("--no-plot", action="store_true", help="Skip accuracy.png (needs tint_hf[plot]).")
 
 
@@ -106,8 +183,9 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
-def load_tint(args: argparse.Namespace, model: nn.Module) -> nn.Module | None:
-    """The TinT model for the tint mode (None if the mode is not requested)."""
+def load_tint(args: argparse.Namespace, model: nn.Module) -> TintSource | None:
+    """What the tint mode runs (None if it is not requested): the ``--tint-model`` checkpoint, or a builder
+    ``(n_layers, n_steps) -> TinTForCausalLM`` that constructs TinT from ``model`` for each grid point."""
     from ..models.tint import TinTForCausalLM
 
     if "tint" not in args.modes:
@@ -116,35 +194,79 @@ def load_tint(args: argparse.Namespace, model: nn.Module) -> nn.Module | None:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(args.tint_model, dtype=DTYPES[args.dtype]).eval()
-    return TinTForCausalLM.from_auxiliary(model, num_prefixes=args.num_prefixes,
-                                          n_simulation_layers=args.n_layers, n_steps=args.n_steps, progress=True)
+
+    def build(n_layers: int | None, n_steps: int) -> nn.Module:
+        return TinTForCausalLM.from_auxiliary(model, num_prefixes=args.num_prefixes, n_simulation_layers=n_layers,
+                                              n_steps=n_steps, progress=not args.quiet)
+    return build
 
 
 def mode_configs(args: argparse.Namespace) -> list[ModeConfig]:
+    """icl once, then per adaptive mode the grid: layers (outermost, so TinT is built once per value) x variant x
+    loss. ``--train-on-query`` applies where it means something: concatenated prompts with the context loss."""
     approx = Approximations() if args.tint_approximations else None
-    return [ModeConfig(mode, lrs=args.lrs, n_steps=args.n_steps, n_layers=args.n_layers, loss=args.loss,
-                       variant=args.variant if mode in ("dynamic", "tint") else "concatenated",
-                       approximations=approx if mode == "dynamic" else None, train_on_query=args.train_on_query)
-            for mode in args.modes]
+    configs = []
+    for mode in args.modes:
+        if mode == "icl":
+            configs.append(ModeConfig("icl"))
+            continue
+        for n_layers, n_steps in layer_grid(args):
+            for variant in args.variant:
+                for loss in args.loss:
+                    configs.append(ModeConfig(
+                        mode, lrs=args.label_lrs if loss == "label" and args.label_lrs else args.lrs,
+                        n_steps=n_steps, n_layers=n_layers, loss=loss, variant=variant,
+                        approximations=approx if mode == "dynamic" else None,
+                        train_on_query=bool(args.train_on_query) and variant == "concatenated" and loss == "context"))
+    return configs
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """Every argument that can change a result, JSON-ready."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+
+
+def open_store(args: argparse.Namespace) -> CellStore:
+    """The run's :class:`CellStore` in ``--out``: resumed when the settings match, replaced with ``--overwrite``,
+    refused otherwise (nothing is overwritten silently)."""
+    out, settings = Path(args.out), settings_of(args)
+    saved = out / "settings.json"
+    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    finished = [p.name for p in (out / "cells.jsonl", out / "results.json") if p.exists() and p.stat().st_size]
+    if finished and previous != settings:
+        if not args.overwrite:
+            changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
+            raise SystemExit(f"--out {out} holds a run ({', '.join(finished)}) with other settings (differing: "
+                             f"{', '.join(changed)}). Use another --out, or pass --overwrite to discard it.")
+        for name in ("cells.jsonl", "results.json", "predictions.jsonl", "summary.md", "accuracy.png"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings, indent=2) + "\n")
+    store = CellStore(out / "cells.jsonl")
+    if store.cells:
+        print(f"resuming {out}: {len(store.cells)} finished cells are read back, not recomputed")
+    return store
 
 
 def run(args: argparse.Namespace) -> int:
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown:
-        raise SystemExit(f"--modes {unknown}: choose from {MODES}.")
+    resolve_defaults(args)
+    if not args.tasks:
+        raise SystemExit("Pass --tasks (e.g. --tasks SST2,MR) or a --preset.")
     if (args.train_file or args.eval_file) and len(args.tasks) != 1:
         raise SystemExit("--train-file/--eval-file describe one task; pass a single --tasks name or use --data-dir.")
     tasks = [get_task(name) for name in args.tasks]
+    modes = mode_configs(args)
     if not args.no_plot:
         require("matplotlib", "plot", "tint-hf eval's accuracy.png (or pass --no-plot)")
+    store = open_store(args)
     model, tokenizer = load_model(args)
     config = FewShotConfig(shots=args.shots, seeds=args.seeds, template=args.template, calibration=args.calibration,
                            n_eval=args.n_eval, n_dev=args.n_dev, eval_seed=args.eval_seed,
                            balanced=not args.unbalanced, legacy_sampler=args.legacy_sampler,
                            batch_size=args.batch_size, add_bos={"auto": None, "always": True, "never": False}[args.bos],
-                           progress=not args.quiet)
-    evaluator = FewShotEvaluator(model, tokenizer, config, load_tint(args, model))
-    modes = mode_configs(args)
+                           progress=not args.quiet, select=args.select)
+    evaluator = FewShotEvaluator(model, tokenizer, config, load_tint(args, model), store=store)
     runs, predictions = [], []
     for task in tasks:
         source = dict(data_dir=args.data_dir, hub=args.hub, text_field=args.text_field, label_field=args.label_field)
@@ -154,8 +276,7 @@ def run(args: argparse.Namespace) -> int:
         runs += result.runs
         predictions += result.predictions
     summary = summarize_runs(runs, {t.name: t.num_classes for t in tasks})
-    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-    out = write_results(args.out, arguments, runs, predictions, summary, plot=not args.no_plot)
+    out = write_results(args.out, settings_of(args), runs, predictions, summary, plot=not args.no_plot)
     print(markdown_table(summary))
     print(f"results: {out}/results.json, predictions.jsonl, summary.md" + ("" if args.no_plot else ", accuracy.png"))
     return 0

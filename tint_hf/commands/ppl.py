@@ -10,11 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from ..assets import sample_text
 from ..evaluation import DynamicSGD, PlainLM, TinTForward, block_perplexity, text_blocks
 from ..evaluation.report import environment
 from ..simulate import Approximations
-from .eval import add_model_arguments, load_model, load_tint
+from .eval import add_model_arguments, layer_grid, load_model, load_tint, resolve_defaults
 
 HELP = "Perplexity with in-context adaptation (icl = model as is, dynamic, tint) on blocks of a text corpus."
 
@@ -30,15 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    unknown = [m for m in args.modes if m not in ("icl", "dynamic", "tint")]
-    if unknown:
-        raise SystemExit(f"--modes {unknown}: choose from icl, dynamic, tint.")
+    resolve_defaults(args)
+    if len(args.layers or ()) > 1:
+        raise SystemExit(f"--layers {','.join(map(str, args.layers))}: ppl takes one value (run it once per value).")
+    ((n_layers, n_steps),) = layer_grid(args)
     if args.text_file is not None and not args.text_file.is_file():
         raise SystemExit(f"--text-file {args.text_file} does not exist.")
     model, tokenizer = load_model(args)
     text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
     blocks = text_blocks(tokenizer, text, args.block_size, args.max_blocks)
     tint = load_tint(args, model)
+    if callable(tint) and not isinstance(tint, torch.nn.Module):
+        tint = tint(n_layers, n_steps)
     approx = Approximations() if args.tint_approximations else None
     results = []
     for mode in args.modes:
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             if mode == "icl":
                 scorer = PlainLM(model)
             elif mode == "dynamic":
-                scorer = DynamicSGD(model, lr, args.n_steps, args.n_layers, approximations=approx)
+                scorer = DynamicSGD(model, lr, n_steps, n_layers, approximations=approx)
             else:
                 scorer = TinTForward(tint, lr)
             out = block_perplexity(scorer, blocks, args.train_fraction, batch_size=args.batch_size,

@@ -1,16 +1,20 @@
-"""Few-shot evaluation loop: tasks x modes x shots x seeds, with the learning rate chosen on a separate subset.
+"""Few-shot evaluation loop: tasks x modes x shots x seeds, with the learning rate chosen per seed.
 
 Protocol (TinT paper, with one fix): one class-balanced set of k demonstrations per seed, shared by every evaluation
 example; a class-balanced *test* subset of the evaluation pool (the reported numbers); and, when several learning
-rates are given, a disjoint balanced *dev* subset on which the learning rate is chosen per seed. (The authors' scripts
-take the best learning rate on the same examples they report.)
+rates are given, a disjoint balanced *dev* subset. ``select="dev"`` chooses the learning rate per seed on the dev
+subset (ours); ``select="test"`` takes the best one on the test subset itself, as the authors' scripts do (an oracle
+number); ``select="both"`` reports both rows. Each (task, mode, k, seed) cell is handed to a :class:`CellStore` as
+soon as it is done, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,6 +29,7 @@ from .scoring import CALIBRATIONS, Mode, calibrate, candidate_log_probs, classif
 from .tasks import Task
 
 MODES = ("icl", "dynamic", "tint")
+SELECTIONS = ("dev", "test", "both")
 
 
 @dataclass
@@ -59,7 +64,9 @@ class ModeConfig:
                   (self.variant == "concatenated" or self.mode != "icl", "the single variant needs dynamic or tint"),
                   (self.variant == "concatenated" or not self.train_on_query,
                    "the single variant trains on the demonstrations only; drop train_on_query (--train-on-query)"),
-                  (len(self.lrs) > 0, "give at least one learning rate")]
+                  (len(self.lrs) > 0, "give at least one learning rate"),
+                  (self.n_steps >= 1, f"n_steps={self.n_steps}: use at least one step"),
+                  (self.n_layers is None or self.n_layers >= 1, f"n_layers={self.n_layers}: use None (all) or >= 1")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message + ".")
@@ -70,7 +77,8 @@ class ModeConfig:
 
     @property
     def label(self) -> str:
-        """Short name for tables: e.g. ``dynamic``, ``dynamic/single/label``, ``dynamic/tint-approx``."""
+        """Short name for tables: e.g. ``dynamic``, ``dynamic/single/label``, ``tint/label/L3x4`` (top 3 layers, 4
+        steps), ``dynamic/tint-approx``."""
         if not self.adaptive:
             return "icl"
         parts = [self.mode]
@@ -78,6 +86,8 @@ class ModeConfig:
         parts += ["label"] if self.loss == "label" else []
         parts += ["query"] if self.train_on_query else []
         parts += ["tint-approx"] if self.approximations is not None else []
+        if self.n_layers is not None or self.n_steps != 1:
+            parts.append(f"L{self.n_layers or 'all'}x{self.n_steps}")
         return "/".join(parts)
 
 
@@ -97,10 +107,17 @@ class FewShotConfig:
     batch_size: int = 8
     add_bos: bool | None = None
     progress: bool = True
+    select: str = "dev"
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration={self.calibration!r}: use one of {CALIBRATIONS}.")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select={self.select!r}: use one of {SELECTIONS}.")
+
+    @property
+    def selections(self) -> tuple[str, ...]:
+        return ("dev", "test") if self.select == "both" else (self.select,)
 
 
 @dataclass
@@ -111,6 +128,42 @@ class TaskResult:
     predictions: list[dict] = field(default_factory=list)
 
 
+TintSource = nn.Module | Callable[[int | None, int], nn.Module]
+
+
+class CellStore:
+    """Finished cells of an evaluation, one JSON line each in ``path`` (``cells.jsonl``), keyed by
+    (task, mode label, k, seed). :meth:`put` appends and flushes at once, so a run killed at any point keeps every
+    finished cell; a later run with the same settings reads them back and skips them. A line cut short by the kill is
+    ignored (that cell is recomputed)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.cells: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    cell = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.cells[cell["key"]] = cell
+
+    @staticmethod
+    def key(task: str, mode: str, shots: int, seed: int) -> str:
+        return f"{task}|{mode}|k={shots}|seed={seed}"
+
+    def get(self, key: str) -> dict | None:
+        return self.cells.get(key)
+
+    def put(self, key: str, runs: list[dict], predictions: list[dict]) -> None:
+        cell = dict(key=key, runs=runs, predictions=predictions)
+        self.cells[key] = cell
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(cell) + "\n")
+            f.flush()
+
+
 class FewShotEvaluator:
     """Scores tasks with one model in every mode.
 
@@ -118,13 +171,36 @@ class FewShotEvaluator:
         model: the HF causal LM (``icl`` and ``dynamic``).
         tokenizer: its fast tokenizer.
         config: :class:`FewShotConfig`.
-        tint_model: a model whose forward takes ``train_mask`` (``tint`` mode), simulating ``model``.
+        tint_model: for the ``tint`` mode, a model whose forward takes ``train_mask`` simulating ``model``, or a
+            function ``(n_layers, n_steps) -> model`` that builds one per grid point (the last one is kept).
+        store: a :class:`CellStore` to resume from and write finished cells to (``None``: keep nothing).
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: FewShotConfig,
-                 tint_model: nn.Module | None = None):
-        self.model, self.tokenizer, self.config, self.tint_model = model, tokenizer, config, tint_model
+                 tint_model: TintSource | None = None, store: CellStore | None = None):
+        self.model, self.tokenizer, self.config, self.store = model, tokenizer, config, store
+        self._tint_source = tint_model
+        self._tint_built: tuple[tuple, nn.Module] | None = None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def tint_model_for(self, mode: ModeConfig) -> nn.Module:
+        """The TinT model simulating ``mode.n_layers`` top layers for ``mode.n_steps`` steps."""
+        source = self._tint_source
+        if source is None:
+            raise ValueError("The tint mode needs a TinT model (tint_model=...; `--tint-model` on the CLI).")
+        if isinstance(source, nn.Module):
+            config = source.config
+            layers = config.n_simulation_layers if mode.n_layers is None else mode.n_layers  # None: the model's own
+            if (layers, mode.n_steps) != (config.n_simulation_layers, config.n_steps):
+                raise ValueError(f"The TinT model simulates {config.n_simulation_layers} layers x {config.n_steps} "
+                                 f"steps, the grid asks for {layers} x {mode.n_steps}: pass a builder instead of a "
+                                 f"model (on the CLI: drop --tint-model, or match --layers and --n-steps to it).")
+            return source
+        key = (mode.n_layers, mode.n_steps)
+        if self._tint_built is None or self._tint_built[0] != key:
+            self._tint_built = None  # free the previous one before building the next
+            self._tint_built = (key, source(mode.n_layers, mode.n_steps))
+        return self._tint_built[1]
 
     def _mode(self, mode: ModeConfig, lr: float | None, builder: PromptBuilder,
               demos: Sequence[Example]) -> tuple[Mode, Sequence[Example]]:
@@ -140,9 +216,8 @@ class FewShotEvaluator:
             rows = pad_rows([(c.input_ids, c.train_mask, c.label_mask) for c in builder.demonstration_rows(demos)],
                             self.pad_id)
         if mode.mode == "tint":
-            if self.tint_model is None:
-                raise ValueError("The tint mode needs a TinT model (tint_model=...; `--tint-model` on the CLI).")
-            return TinTForward(self.tint_model, lr, label_loss, demonstrations=rows), [] if single else demos
+            return (TinTForward(self.tint_model_for(mode), lr, label_loss, demonstrations=rows),
+                    [] if single else demos)
         sgd = DynamicSGD(self.model, lr, mode.n_steps, mode.n_layers, label_loss, mode.approximations)
         if not single:
             return sgd, demos
@@ -169,50 +244,77 @@ class FewShotEvaluator:
 
     def evaluate_task(self, task: Task, train_pool: Sequence[Example], eval_pool: Sequence[Example],
                       modes: Sequence[ModeConfig]) -> TaskResult:
-        """Every mode x shots x seed on the task's test subset; learning rates chosen on the dev subset."""
+        """Every mode x shots x seed on the task's test subset; learning rates chosen as ``config.select`` says.
+        Cells already in the store are read back, not recomputed."""
         cfg = self.config
         template = task.template(cfg.template)
         tune = any(m.adaptive and len(m.lrs) > 1 for m in modes)
-        sizes = [cfg.n_eval, cfg.n_dev] if tune else [cfg.n_eval]
+        sizes = [cfg.n_eval, cfg.n_dev] if tune and "dev" in cfg.selections else [cfg.n_eval]
         subsets = disjoint_subsets([e.label for e in eval_pool], sizes, cfg.eval_seed, task.num_classes,
                                    cfg.balanced, cfg.legacy_sampler)
-        test_idx, dev_idx = subsets[0], subsets[1] if tune else []
-        test, dev = [eval_pool[i] for i in test_idx], [eval_pool[i] for i in dev_idx]
+        test_idx, dev_idx = subsets[0], subsets[1] if len(subsets) > 1 else []
         result = TaskResult()
         for mode in modes:
             builder = PromptBuilder(self.tokenizer, template, mode.train_on_query, cfg.add_bos)
             for k in cfg.shots:
                 for seed in cfg.seeds[:1] if k == 0 else cfg.seeds:
-                    demo_idx = sample_demonstrations([e.label for e in train_pool], k, seed, task.num_classes,
-                                                     cfg.balanced, cfg.legacy_sampler)
-                    demos = [train_pool[i] for i in demo_idx]
-                    where = f"{task.name} {mode.label} k={k} seed={seed}"
-                    lr, dev_acc = self._choose_lr(mode, builder, demos, dev, task.num_classes, where)
-                    raw, calibrated = self.score(mode, lr, builder, demos, test, f"{where} test")
-                    preds = calibrated.argmax(-1).tolist()
-                    metrics = classification_metrics(preds, [e.label for e in test], task.num_classes)
-                    run = dict(task=task.name, mode=mode.label, shots=k, seed=seed, lr=lr, dev_accuracy=dev_acc,
-                               demo_indices=demo_idx, mode_config=_mode_dict(mode), **metrics)
-                    result.runs.append(run)
-                    result.predictions += [
-                        dict(task=task.name, mode=mode.label, shots=k, seed=seed, lr=lr, index=i, label=ex.label,
-                             prediction=p, scores=r.tolist(), calibrated_scores=c.tolist())
-                        for i, ex, p, r, c in zip(test_idx, test, preds, raw, calibrated)]
+                    key = CellStore.key(task.name, mode.label, k, seed)
+                    cell = self.store.get(key) if self.store is not None else None
+                    if cell is None:
+                        demo_idx = sample_demonstrations([e.label for e in train_pool], k, seed, task.num_classes,
+                                                         cfg.balanced, cfg.legacy_sampler)
+                        runs, predictions = self._cell(task, mode, builder, k, seed, demo_idx, train_pool, eval_pool,
+                                                       test_idx, dev_idx)
+                        if self.store is not None:
+                            self.store.put(key, runs, predictions)
+                        cell = dict(runs=runs, predictions=predictions)
+                    result.runs += cell["runs"]
+                    result.predictions += cell["predictions"]
         return result
 
-    def _choose_lr(self, mode: ModeConfig, builder: PromptBuilder, demos: Sequence[Example],
-                   dev: Sequence[Example], num_classes: int, where: str) -> tuple[float | None, dict[str, float]]:
-        if not mode.adaptive:
-            return None, {}
-        if len(mode.lrs) == 1:
-            return mode.lrs[0], {}
-        accuracy = {}
-        for lr in mode.lrs:
-            _, calibrated = self.score(mode, lr, builder, demos, dev, f"{where} dev lr={lr:g}")
-            accuracy[repr(lr)] = classification_metrics(calibrated.argmax(-1).tolist(), [e.label for e in dev],
-                                                        num_classes)["accuracy"]
-        best = max(mode.lrs, key=lambda lr: accuracy[repr(lr)])  # ties: the first in the grid
-        return best, accuracy
+    def _cell(self, task: Task, mode: ModeConfig, builder: PromptBuilder, k: int, seed: int, demo_idx: list[int],
+              train_pool: Sequence[Example], eval_pool: Sequence[Example], test_idx: list[int],
+              dev_idx: list[int]) -> tuple[list[dict], list[dict]]:
+        """One (mode, k, seed) cell: a run (and its test predictions) per selection rule."""
+        demos = [train_pool[i] for i in demo_idx]
+        test, dev = [eval_pool[i] for i in test_idx], [eval_pool[i] for i in dev_idx]
+        labels = [e.label for e in test]
+        where = f"{task.name} {mode.label} k={k} seed={seed}"
+        scored: dict[float | None, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def on_test(lr: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+            if lr not in scored:
+                suffix = "" if lr is None else f" lr={lr:g}"
+                scored[lr] = self.score(mode, lr, builder, demos, test, f"{where} test{suffix}")
+            return scored[lr]
+
+        def accuracy(calibrated: torch.Tensor, gold: list[int]) -> float:
+            return classification_metrics(calibrated.argmax(-1).tolist(), gold, task.num_classes)["accuracy"]
+
+        choices: list[tuple[str | None, float | None, dict]] = []  # (selection rule, lr, accuracy by lr)
+        if not mode.adaptive or len(mode.lrs) == 1:
+            choices.append((None, mode.lrs[0] if mode.adaptive else None, {}))
+        else:
+            for rule in self.config.selections:
+                if rule == "dev":
+                    by_lr = {repr(lr): accuracy(self.score(mode, lr, builder, demos, dev, f"{where} dev lr={lr:g}")[1],
+                                                [e.label for e in dev]) for lr in mode.lrs}
+                else:
+                    by_lr = {repr(lr): accuracy(on_test(lr)[1], labels) for lr in mode.lrs}
+                choices.append((rule, max(mode.lrs, key=lambda lr: by_lr[repr(lr)]), by_lr))  # ties: the first
+        runs, predictions = [], []
+        for rule, lr, by_lr in choices:
+            raw, calibrated = on_test(lr)
+            preds = calibrated.argmax(-1).tolist()
+            runs.append(dict(task=task.name, mode=mode.label, shots=k, seed=seed, lr=lr, selection=rule,
+                             selection_accuracy=by_lr, dev_accuracy=by_lr if rule == "dev" else {},
+                             demo_indices=demo_idx, mode_config=_mode_dict(mode),
+                             **classification_metrics(preds, labels, task.num_classes)))
+            predictions += [
+                dict(task=task.name, mode=mode.label, shots=k, seed=seed, lr=lr, selection=rule, index=i,
+                     label=ex.label, prediction=p, scores=r.tolist(), calibrated_scores=c.tolist())
+                for i, ex, p, r, c in zip(test_idx, test, preds, raw, calibrated)]
+        return runs, predictions
 
 
 def _mode_dict(mode: ModeConfig) -> dict:
@@ -222,14 +324,14 @@ def _mode_dict(mode: ModeConfig) -> dict:
 
 
 def summarize_runs(runs: Sequence[dict], num_classes: dict[str, int]) -> list[dict]:
-    """Mean and standard deviation over seeds of accuracy and macro-F1, per task x mode x shots."""
+    """Mean and standard deviation over seeds of accuracy and macro-F1, per task x mode x shots x selection rule."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["task"], run["mode"], run["shots"]), []).append(run)
+        groups.setdefault((run["task"], run["mode"], run["shots"], run.get("selection")), []).append(run)
     summary = []
-    for (task, mode, shots), group in groups.items():
+    for (task, mode, shots, selection), group in groups.items():
         acc = [r["accuracy"] for r in group]
-        summary.append(dict(task=task, mode=mode, shots=shots, seeds=len(group), n=group[0]["n"],
+        summary.append(dict(task=task, mode=mode, shots=shots, selection=selection, seeds=len(group), n=group[0]["n"],
                             accuracy_mean=statistics.fmean(acc),
                             accuracy_std=statistics.stdev(acc) if len(acc) > 1 else 0.0,
                             macro_f1_mean=statistics.fmean(r["macro_f1"] for r in group),

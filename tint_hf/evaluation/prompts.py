@@ -70,7 +70,9 @@ class PromptBuilder:
         return self.template.query(example.text) + self.template.label_text(example.label)
 
     def context(self, demos: Sequence[Example], query: str) -> Context:
-        """Demonstrations, then ``query`` (an already formatted query string, e.g. the premise)."""
+        """Demonstrations, then ``query`` (an already formatted query string, e.g. the premise) with leading and
+        trailing spaces (not newlines) removed: the ``icl_sfc`` premise "\\nSentiment:" keeps its newline, even at
+        k = 0, and " This is" follows the separator as "This is", exactly as in the authors' ``icl_eval``."""
         sep, pieces, label_spans, cursor = self.template.demo_separator, [], [], 0
         for demo in demos:
             text = self.demonstration(demo)
@@ -78,9 +80,7 @@ class PromptBuilder:
             label_spans.append((cursor + len(text) - len(word), cursor + len(text)))
             pieces.append(text + sep)
             cursor += len(text) + len(sep)
-        if not demos:
-            query = query.lstrip()
-        text = "".join(pieces) + query
+        text = "".join(pieces) + query.strip(" ")  # spaces only, as the TinT authors' encode_prompt does
         return self._tokenize(text, len(text) if self.train_on_query else cursor, label_spans)
 
     def _tokenize(self, text: str, train_end: int, label_spans: list[tuple[int, int]]) -> Context:

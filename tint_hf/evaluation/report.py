@@ -24,32 +24,35 @@ def environment() -> dict:
 
 
 def markdown_table(summary: Sequence[dict]) -> str:
-    """Markdown table: accuracy mean +- std over seeds (percent), macro-F1, chance level."""
-    lines = ["| task | mode | k | accuracy (%) | macro-F1 (%) | chance (%) | seeds | n | lr |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table: accuracy mean +- std over seeds (percent), macro-F1, chance level, and where each seed's
+    learning rate was chosen (dev, test = the authors' oracle selection, - = nothing to choose)."""
+    lines = ["| task | mode | k | lr chosen on | accuracy (%) | macro-F1 (%) | chance (%) | seeds | n | lr |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary:
         lrs = sorted({lr for lr in row["lrs"] if lr is not None})
-        lines.append(f"| {row['task']} | {row['mode']} | {row['shots']} | {100 * row['accuracy_mean']:.1f} ± "
+        lines.append(f"| {row['task']} | {row['mode']} | {row['shots']} | {row.get('selection') or '-'} | "
+                     f"{100 * row['accuracy_mean']:.1f} ± "
                      f"{100 * row['accuracy_std']:.1f} | {100 * row['macro_f1_mean']:.1f} | {100 * row['chance']:.0f} "
                      f"| {row['seeds']} | {row['n']} | {', '.join(f'{lr:g}' for lr in lrs) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_accuracy(summary: Sequence[dict], path: Path) -> None:
-    """Grouped bars: one group per task, one bar per (mode, k), error bars = std over seeds, dashed chance line."""
+    """Grouped bars: one group per task, one bar per (mode, k, selection rule), error bars = std over seeds, dashed
+    chance line."""
     matplotlib = require("matplotlib", "plot", "The accuracy plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in summary))
-    series = list(dict.fromkeys((r["mode"], r["shots"]) for r in summary))
+    series = list(dict.fromkeys((r["mode"], r["shots"], r.get("selection")) for r in summary))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(tasks) * max(1, len(series) / 3)), 4.0))
-    for s, (mode, shots) in enumerate(series):
-        rows = {r["task"]: r for r in summary if (r["mode"], r["shots"]) == (mode, shots)}
+    for s, (mode, shots, selection) in enumerate(series):
+        rows = {r["task"]: r for r in summary if (r["mode"], r["shots"], r.get("selection")) == (mode, shots, selection)}
         xs = [t + (s - (len(series) - 1) / 2) * width for t in range(len(tasks)) if tasks[t] in rows]
         ax.bar(xs, [100 * rows[t]["accuracy_mean"] for t in tasks if t in rows], width,
-               yerr=[100 * rows[t]["accuracy_std"] for t in tasks if t in rows], label=f"{mode}, k={shots}", capsize=2)
+               yerr=[100 * rows[t]["accuracy_std"] for t in tasks if t in rows], label=f"{mode}, k={shots}" + (f", lr on {selection}" if selection else ""), capsize=2)
     for t, task in enumerate(tasks):
         chance = 100 * next(r["chance"] for r in summary if r["task"] == task)
         ax.hlines(chance, t - 0.45, t + 0.45, colors="grey", linestyles="dashed")
