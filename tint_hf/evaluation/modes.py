@@ -56,8 +56,10 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 def forward_sharing_prefix(model: nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
-                           attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) of right-padded rows with (shared) replaced ``params``, running a common prefix only once.
+                           attention_mask: torch.Tensor, logits_from: int = 0) -> torch.Tensor:
+    """Logits (B, T - logits_from, V) of right-padded rows with (shared) replaced ``params``, running a common prefix
+    only once; positions before ``logits_from`` get no logits (a 32-shot prompt's demonstrations would otherwise
+    cost B x T x V floats).
 
     Rows of a few-shot evaluation share the demonstrations: their keys/values are computed for one row, repeated
     B times as the KV cache, and only the suffixes run batched. Same result as :func:`forward_with_params`
@@ -69,7 +71,7 @@ def forward_sharing_prefix(model: nn.Module, params: dict[str, torch.Tensor], in
     # transformers >= 5.24 names the cache `cache`; remote-code models written earlier still say `past_key_values`
     cache_name = next((name for name in ("cache", "past_key_values") if name in arguments), None)
     if prefix < MIN_SHARED_PREFIX or "position_ids" not in arguments or cache_name is None:
-        return forward_with_params(model, params, input_ids, attention_mask)
+        return forward_with_params(model, params, input_ids, attention_mask)[:, logits_from:]
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     with torch.no_grad():
         head = functional_call(model, params, args=(input_ids[:1, :prefix],),
@@ -79,7 +81,9 @@ def forward_sharing_prefix(model: nn.Module, params: dict[str, torch.Tensor], in
         tail = functional_call(model, params, args=(input_ids[:, prefix:],),
                                kwargs={"attention_mask": attention_mask, cache_name: cache, "use_cache": True,
                                        "position_ids": positions[:, prefix:].expand(batch, -1)})
-    return torch.cat([head.logits.expand(batch, -1, -1), tail.logits], dim=1)
+    if logits_from >= prefix:
+        return tail.logits[:, logits_from - prefix:]
+    return torch.cat([head.logits[:, logits_from:].expand(batch, -1, -1), tail.logits], dim=1)
 
 
 def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
@@ -106,8 +110,8 @@ class PlainLM:
         self.model = model
         self.params = params or {}
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        return forward_sharing_prefix(self.model, self.params, batch.input_ids, batch.attention_mask)
+    def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
+        return forward_sharing_prefix(self.model, self.params, batch.input_ids, batch.attention_mask, logits_from)
 
 
 class DynamicSGD:
@@ -167,16 +171,17 @@ class DynamicSGD:
             self._cached = (key, self.update(rows[0], None, rows[1], rows[2]))
         return self._cached[1]
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
         groups: dict[int, tuple[dict[str, torch.Tensor], list[int]]] = {}
         for b in range(batch.input_ids.shape[0]):
             params = self._row_params(batch, b)
             groups.setdefault(id(params), (params, []))[1].append(b)
         out = None
         for params, rows in groups.values():
-            logits = forward_sharing_prefix(self.model, params, batch.input_ids[rows], batch.attention_mask[rows])
+            logits = forward_sharing_prefix(self.model, params, batch.input_ids[rows], batch.attention_mask[rows],
+                                            logits_from)
             if out is None:
-                out = logits.new_empty(batch.input_ids.shape + logits.shape[-1:])
+                out = logits.new_empty((batch.input_ids.shape[0],) + logits.shape[1:])
             out[rows] = logits
         return out
 
@@ -200,20 +205,20 @@ class TinTForward:
         self.model, self.inner_lr, self.label_loss = model, inner_lr, label_loss
         self.packed = None if demonstrations is None else _pack_segments(demonstrations)
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        segment_ids, keep = None, 0
+    def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
+        segment_ids, width = None, batch.input_ids.shape[1]
         if self.packed is not None:
             demos, demo_segments = self.packed
-            rows, keep = batch.input_ids.shape
+            rows = batch.input_ids.shape[0]
             batch = Batch(*(torch.cat([d.to(b.device).expand(rows, -1), b], dim=1)
                             for d, b in zip(demos.tensors(), batch.tensors())))
             last = int(demo_segments.max()) + 1
-            segment_ids = F.pad(demo_segments.to(batch.input_ids.device), (0, keep), value=last).expand(rows, -1)
+            segment_ids = F.pad(demo_segments.to(batch.input_ids.device), (0, width), value=last).expand(rows, -1)
         with torch.no_grad():
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
-                             inner_lr=self.inner_lr, segment_ids=segment_ids, logits_to_keep=keep)
-        return out.logits  # the scored rows only: the output pass skips the demonstrations
+                             inner_lr=self.inner_lr, segment_ids=segment_ids, logits_to_keep=width - logits_from)
+        return out.logits  # the scored positions only: with packed demonstrations the output pass skips them
 
 
 def _pack_segments(rows: Batch) -> tuple[Batch, torch.Tensor]:

@@ -25,7 +25,8 @@ CALIBRATIONS = ("none", "icl_sfc", "contextual")
 class Mode(Protocol):
     name: str
 
-    def logits(self, batch: Batch) -> torch.Tensor: ...
+    def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
+        """Logits (B, T - logits_from, V) of positions logits_from..T-1 of each row."""
 
 
 def candidate_log_probs(mode: Mode, contexts: Sequence[Context], candidates: Sequence[Sequence[int]], *,
@@ -48,11 +49,13 @@ def candidate_log_probs(mode: Mode, contexts: Sequence[Context], candidates: Seq
     scores = torch.zeros(len(contexts), len(candidates), dtype=torch.float64)
     for first in tqdm(range(0, len(row_list), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = row_list[first:first + batch_size]
-        logits = mode.logits(pad_rows(chunk, pad_id))
+        # only the candidates' positions are scored: never materialise the logits of the shared demonstrations
+        skip = min(start for i in range(len(chunk)) for _, _, start in needed[first + i])
+        logits = mode.logits(pad_rows(chunk, pad_id), logits_from=skip)
         for i in range(len(chunk)):
             for n, c, start in needed[first + i]:
                 cand = torch.tensor(candidates[c])
-                positions = torch.arange(start, start + len(cand))
+                positions = torch.arange(start, start + len(cand)) - skip
                 log_probs = torch.log_softmax(logits[i, positions].double(), dim=-1)
                 scores[n, c] = log_probs.gather(-1, cand[:, None]).sum()
     return scores
