@@ -9,10 +9,10 @@ one column per task, accuracy mean ± std over seeds (percent).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tint_hf.evaluation import get_task, summarize_runs
+from tint_hf.evaluation.fewshot import CellStore
 from tint_hf.evaluation.report import markdown_table, plot_accuracy
 
 
@@ -40,8 +40,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    runs = [run for line in (args.out / "cells.jsonl").read_text().splitlines() if line.strip()
-            for run in json.loads(line)["runs"]]
+    runs = [run for cell in CellStore(args.out / "cells.jsonl").cells.values() for run in cell["runs"]]
     summary = summarize_runs(runs, {r["task"]: get_task(r["task"]).num_classes for r in runs})
     print(markdown_table(summary))
     print(paper_table(summary))

@@ -158,6 +158,8 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, t
                         or original(self, task, mode, builder, k, seed, *a))
     assert main(args) == 0
     assert computed == [("dynamic", 2, 1), ("dynamic", 2, 2)]
+    assert [json.loads(line)["key"] for line in (out / "cells.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["key"] for line in cells]  # the cut line is gone, the recomputed cells appended cleanly
     resumed = json.loads((out / "results.json").read_text())["runs"]
     assert resumed == complete
     with pytest.raises(SystemExit, match=r"other settings \(differing: lrs\).*--overwrite"):

@@ -135,18 +135,23 @@ class CellStore:
     """Finished cells of an evaluation, one JSON line each in ``path`` (``cells.jsonl``), keyed by
     (task, mode label, k, seed). :meth:`put` appends and flushes at once, so a run killed at any point keeps every
     finished cell; a later run with the same settings reads them back and skips them. A line cut short by the kill is
-    ignored (that cell is recomputed)."""
+    dropped from the file on load (that cell is recomputed), so later appends start on a clean line."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.cells: dict[str, dict] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    cell = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.cells[cell["key"]] = cell
+        if not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8")
+        for line in text.splitlines():
+            try:
+                cell = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.cells[cell["key"]] = cell
+        kept = "".join(json.dumps(cell) + "\n" for cell in self.cells.values())
+        if kept != text:
+            self.path.write_text(kept, encoding="utf-8")
 
     @staticmethod
     def key(task: str, mode: str, shots: int, seed: int) -> str:
