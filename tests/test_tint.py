@@ -208,6 +208,55 @@ def test_segments_give_the_single_ft_step_in_one_pass(family):
     assert rel(tint(ids, None, train, logits_to_keep=4).logits, unsegmented.logits[:, -4:]) < 1e-12
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_adapt_then_predict_equals_the_one_pass(family):
+    """adapt(...) then forward(adaptation=...) is the one pass split in two, for (a) demonstrations packed as segments
+    before a query (one adaptation reused by a batch of queries) and (b) each row's own training prefix (one
+    adaptation per row); generate() with the adaptation decodes as the greedy loop over forward(adaptation=...)."""
+    aux, tint = build(family)
+    gen = torch.Generator().manual_seed(5)
+    demos = [torch.randint(3, 64, (1, n), generator=gen) for n in (6, 4, 7)]
+    queries = torch.randint(3, 64, (3, 5), generator=gen)
+    packed = torch.cat(demos, dim=1)
+    segments = torch.cat([torch.full_like(x, i) for i, x in enumerate(demos)], dim=1)
+    adaptation = tint.adapt(packed, segment_ids=segments)
+    assert adaptation.rows == 1
+    one_pass = []
+    for query in queries:
+        ids = torch.cat([packed, query[None]], dim=1)
+        seg = torch.cat([segments, torch.full((1, query.shape[0]), len(demos))], dim=1)
+        one_pass.append(tint(ids, None, (seg < len(demos)).long(), segment_ids=seg).logits[0, -query.shape[0]:])
+    split = tint(queries, adaptation=adaptation).logits
+    assert rel(split, torch.stack(one_pass)) < 1e-12
+    assert rel(split, tint(queries, None, torch.zeros_like(queries)).logits) > 1e-4  # the step changed them
+
+    ids, attn, train = batch(seed=8)
+    per_row = tint.adapt(ids, attn, train)
+    assert per_row.rows == ids.shape[0]
+    assert rel(tint(ids, attn, adaptation=per_row).logits, tint(ids, attn, train).logits) < 1e-12
+
+    generated = tint.generate(queries[:1], adaptation=adaptation, max_new_tokens=3, do_sample=False)
+    greedy = queries[:1]
+    for _ in range(3):
+        greedy = torch.cat([greedy, tint(greedy, adaptation=adaptation).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, greedy)
+
+
+def test_adaptation_refuses_arguments_it_would_ignore():
+    _, tint = build("opt")
+    ids, attn, train = batch(seed=9)
+    adaptation = tint.adapt(ids, attn, train)
+    with pytest.raises(ValueError, match="train_mask marks training tokens"):
+        tint(ids, attn, train, adaptation=adaptation)
+    for name, value in (("inner_lr", 1e-3), ("loss_mask", train)):
+        with pytest.raises(ValueError, match=f"{name} has no effect with adaptation"):
+            tint(ids, attn, adaptation=adaptation, **{name: value})
+    with pytest.raises(ValueError, match="adaptation holds 3 updates, but the batch has 2 rows"):
+        tint(ids[:2], attn[:2], adaptation=adaptation)
+    with pytest.raises(TypeError, match="adaptation must be a TinTAdaptation"):
+        tint(ids, attn, adaptation={"prefixes": []})
+
+
 def test_default_train_mask_is_the_first_fraction_of_real_tokens():
     _, tint = build("gpt2", default_train_fraction=0.5)
     ids, attn, _ = batch(seed=6)

@@ -171,7 +171,9 @@ or autocast keep the logit change within a few percent of float64 (`test_bfloat1
 Several sequences can share one pass: `segment_ids` (batch, seq_len), numbered in order, keeps attention and targets
 inside each segment and restarts positions. With demonstrations as training segments and a prompt as the last,
 evaluation segment, the step is one SGD step on the summed loss of the separate demonstrations, after which the
-prompt is read alone (the single-FT variant; `tint-hf eval --modes tint --variant single`).
+prompt is read alone (the single-FT variant; `tint-hf eval --modes tint --variant single`). To reuse one step for
+many prompts, `adaptation = model.adapt(demo_ids, segment_ids=...)` takes the step alone and
+`model(prompt_ids, adaptation=adaptation)` (or `generate`) predicts with the updated weights: the same logits.
 {% endif %}
 ## How it was built
 

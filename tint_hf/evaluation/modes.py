@@ -10,8 +10,8 @@ Every mode gets the same :class:`Batch` (right-padded ``input_ids``, ``attention
   ``approximations=None`` is true SGD (:func:`tint_hf.simulate.sgd_update`, any HF causal LM); an
   :class:`~tint_hf.simulate.Approximations` uses TinT's approximate step (:func:`tint_hf.simulate.tint_step`).
 * :class:`TinTForward` (``tint``): one forward of a model whose ``forward`` takes ``train_mask`` and ``loss_mask``
-  (:class:`tint_hf.TinTForCausalLM`), which adapts internally. With ``demonstrations`` (the single-FT variant) each
-  row is packed behind the demonstrations as separate segments: one step on their summed loss, then the row alone.
+  (:class:`tint_hf.TinTForCausalLM`), which adapts internally. With ``demonstrations`` (the single-FT variant): one
+  simulated step on their summed loss (each its own segment), taken once, then every row alone with those weights.
 
 The training loss only depends on tokens up to the last training target (causal attention), so rows that share that
 prefix share the update. :class:`DynamicSGD` computes it once per distinct prefix and keeps the latest one: with
@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -198,27 +197,34 @@ class TinTForward:
     def __init__(self, model: nn.Module, inner_lr: float | None = None, label_loss: bool = False,
                  demonstrations: Batch | None = None):
         """``demonstrations``: right-padded rows (one per demonstration, fully in the training part) for the single-FT
-        variant; their real tokens are packed as segments 0..k-1 in front of every scored row (segment k)."""
+        variant: packed as segments 0..k-1, they are trained on once (``model.adapt``), and every scored row is
+        predicted alone with those weights (the same as packing them in front of each row, see
+        :meth:`tint_hf.TinTForCausalLM.adapt`)."""
         if not accepts_training_masks(model):
             raise TypeError(f"{type(model).__name__}.forward takes no `train_mask`: the tint mode needs a TinT model "
                             f"(tint_hf.TinTForCausalLM, e.g. built with `tint-hf build`). Use icl or dynamic instead.")
         self.model, self.inner_lr, self.label_loss = model, inner_lr, label_loss
-        self.packed = None if demonstrations is None else _pack_segments(demonstrations)
+        self.demonstrations = demonstrations
+        self._adaptation = None
+
+    def adaptation(self):
+        """The single-FT step on the demonstrations, taken on first use and kept for every later batch."""
+        if self._adaptation is None:
+            demos, segments = _pack_segments(self.demonstrations)
+            self._adaptation = self.model.adapt(
+                demos.input_ids, demos.attention_mask, demos.train_mask,
+                demos.loss_mask if self.label_loss else None, inner_lr=self.inner_lr, segment_ids=segments)
+        return self._adaptation
 
     def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
-        segment_ids, width = None, batch.input_ids.shape[1]
-        if self.packed is not None:
-            demos, demo_segments = self.packed
-            rows = batch.input_ids.shape[0]
-            batch = Batch(*(torch.cat([d.to(b.device).expand(rows, -1), b], dim=1)
-                            for d, b in zip(demos.tensors(), batch.tensors())))
-            last = int(demo_segments.max()) + 1
-            segment_ids = F.pad(demo_segments.to(batch.input_ids.device), (0, width), value=last).expand(rows, -1)
+        keep = batch.input_ids.shape[1] - logits_from
         with torch.no_grad():
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
-                             inner_lr=self.inner_lr, segment_ids=segment_ids, logits_to_keep=width - logits_from)
-        return out.logits  # the scored positions only: with packed demonstrations the output pass skips them
+            if self.demonstrations is not None:
+                return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  adaptation=self.adaptation(), logits_to_keep=keep).logits
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
+                              inner_lr=self.inner_lr, logits_to_keep=keep).logits
 
 
 def _pack_segments(rows: Batch) -> tuple[Batch, torch.Tensor]:

@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_tint import TinTConfig
-from .modeling_tint import TinTForCausalLM, TinTModel, TinTPreTrainedModel
+from .modeling_tint import TinTAdaptation, TinTForCausalLM, TinTModel, TinTPreTrainedModel
 
 AutoConfig.register(TinTConfig.model_type, TinTConfig, exist_ok=True)
 AutoModel.register(TinTConfig, TinTModel, exist_ok=True)
@@ -12,4 +12,4 @@ AutoModelForCausalLM.register(TinTConfig, TinTForCausalLM, exist_ok=True)
 TinTConfig.register_for_auto_class()
 TinTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["TinTConfig", "TinTForCausalLM", "TinTModel", "TinTPreTrainedModel"]
+__all__ = ["TinTAdaptation", "TinTConfig", "TinTForCausalLM", "TinTModel", "TinTPreTrainedModel"]

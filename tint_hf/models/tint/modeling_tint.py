@@ -32,7 +32,26 @@ from .dense_count import authors_dense_parameter_count
 from .sequence_masks import TargetMasks, build_target_masks, default_position_ids, gradient_span, next_token_nll
 from .simulated_modules import TinTLossGradient, TinTNorm
 
-GENERATION_ARGUMENTS = ("train_mask", "loss_mask", "segment_ids", "position_ids", "inner_lr", "logits_to_keep")
+GENERATION_ARGUMENTS = ("train_mask", "loss_mask", "segment_ids", "position_ids", "inner_lr", "logits_to_keep",
+                        "adaptation")
+
+
+@dataclass
+class TinTAdaptation:
+    """The auxiliary weights after the simulated step(s), as they sit in the prefixes of the updated layers.
+
+    ``prefixes``: one dict per simulated (top) layer, prefix slot -> (R, P, D); ``final_prefix``: (R, P, D), where
+    R = 1 (one update shared by every row) or the batch size (one update per row). :meth:`TinTModel.adapt` returns
+    it; ``forward(..., adaptation=...)`` then predicts with these weights and skips the step, so one set of
+    demonstrations is trained on once and any number of later batches reuse it.
+    """
+
+    prefixes: list[dict[str, torch.Tensor]]
+    final_prefix: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.final_prefix.shape[0]
 
 
 @dataclass
@@ -129,11 +148,53 @@ class TinTModel(TinTPreTrainedModel):
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
                 return_hidden_before: bool = False, segment_ids: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> TinTModelOutput:
+                logits_to_keep: int = 0, adaptation: TinTAdaptation | None = None) -> TinTModelOutput:
         """Arguments as :meth:`TinTForCausalLM.forward`; returns final-LN outputs of the kept positions."""
+        if adaptation is not None:
+            train_mask = _no_step_arguments(input_ids, adaptation, train_mask, loss_mask, inner_lr)
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
         start = _window_start(masks, logits_to_keep)
         lr = self.step_sizes(inner_lr, input_ids.shape[0])  # (B, 1)
+        continued, context = self._lower_layers(input_ids, masks, lr)
+        hidden_before = None
+        if return_hidden_before:
+            initial = self.initial_adaptation(continued)
+            hidden_before = self._output_pass(continued, initial, context, start)
+        if adaptation is None:
+            adaptation = self._step(input_ids, masks, lr, continued, context)
+        y = self._output_pass(continued, adaptation, context, start)
+        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before, eval_targets=masks.eval[:, start:])
+
+    @torch.no_grad()
+    def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
+              segment_ids: torch.Tensor | None = None) -> TinTAdaptation:
+        """Only the simulated step(s) on training sequences (B, T): the updated weights, one set per row (R = B).
+        Arguments as :meth:`TinTForCausalLM.forward`, except that
+        ``train_mask`` defaults to every real token (the sequences are the training data).
+
+        ``forward(x, adaptation=model.adapt(d, ...))`` equals the one pass on ``d`` and ``x`` packed as segments
+        (``segment_ids``) or, for a ``d`` that is a prefix of ``x``, the one pass on ``x`` with ``train_mask`` on
+        ``d``: the step depends on nothing after its last training target.
+        """
+        if train_mask is None:
+            train_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
+        lr = self.step_sizes(inner_lr, input_ids.shape[0])
+        continued, context = self._lower_layers(input_ids, masks, lr)
+        return self._step(input_ids, masks, lr, continued, context)
+
+    def initial_adaptation(self, hidden: torch.Tensor) -> TinTAdaptation:
+        """The auxiliary weights before any step (shared, R = 1)."""
+        L, n = self.spec.num_layers, self.config.n_simulation_layers
+        return TinTAdaptation([layer.initial_prefixes(hidden) for layer in self.layers[L - n:]],
+                              self.final_norm_prefix.unsqueeze(0))
+
+    def _lower_layers(self, input_ids: torch.Tensor, masks: TargetMasks,
+                      lr: torch.Tensor) -> tuple[torch.Tensor, StepContext]:
+        """Embeddings and the layers below the simulated ones (never updated: run once, reused by every pass):
+        their output (B, T, d) and the attention / step context of the call."""
         n, L = self.config.n_simulation_layers, self.spec.num_layers
         hidden = self.embed_tokens(input_ids)
         rotary = None
@@ -144,50 +205,52 @@ class TinTModel(TinTPreTrainedModel):
         context = StepContext(allowed=_causal_allowed(masks.attention_mask, masks.segment_ids),
                               train_tokens=masks.train_tokens,
                               token_lr=masks.train_tokens.to(hidden.dtype) * lr.to(hidden.dtype), rotary=rotary)
-        for layer in self.layers[: L - n]:  # never updated: run once, reused by every later pass
+        for layer in self.layers[: L - n]:
             hidden, _ = layer(hidden, layer.initial_prefixes(hidden), context)
-        continued = hidden
-        prefixes = [layer.initial_prefixes(hidden) for layer in self.layers[L - n:]]
-        final_prefix = self.final_norm_prefix.unsqueeze(0)
-        hidden_before = None
-        if return_hidden_before:
-            hidden_before = self._output_pass(continued, prefixes, final_prefix, context, start)
-        # The training loss depends only on the positions up to its last target (causal attention), and rows that
-        # agree there receive the same update: the step runs once per distinct leading span (exact, and for a batch
-        # of prompts sharing their demonstrations, once in all), then every row reads its group's prefixes.
-        span = gradient_span(masks)
-        if span > 1:
-            rows, group = _distinct_rows(input_ids, masks, span, lr)
-            step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
-            for _ in range(self.config.n_steps):
-                y, memories, final_x_hat, final_x = self._simulated_forward(continued[rows, :span], prefixes,
-                                                                            final_prefix, step_context)
-                # Gradient module: loss gradient at the final-LN output, final LN backward + descent.
-                grad = self.loss_gradient(y, self.embed_tokens.weight, step_ids, masks.train[rows, : span - 1])
-                grad, final_prefix = self.final_norm.backward_descent(
-                    grad, final_x, final_x_hat, final_prefix, step_context.token_lr, self.config.ln_bias_only,
-                    self.config.backward, self.config.fd_scale)
-                for i in reversed(range(n)):
-                    grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
-            final_prefix = _per_row(final_prefix, group)
-            prefixes = [{slot: _per_row(p, group) for slot, p in layer.items()} for layer in prefixes]
-        y = self._output_pass(continued, prefixes, final_prefix, context, start)
-        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before, eval_targets=masks.eval[:, start:])
+        return hidden, context
 
-    def _output_pass(self, hidden, prefixes, final_prefix, context, start: int) -> torch.Tensor:
+    def _step(self, input_ids: torch.Tensor, masks: TargetMasks, lr: torch.Tensor, continued: torch.Tensor,
+              context: StepContext) -> TinTAdaptation:
+        """The simulated SGD step(s) on the training targets of ``masks``: per-row updated weights (R = B).
+
+        The training loss depends only on the positions up to its last target (causal attention), and rows that
+        agree there receive the same update: the step runs once per distinct leading span (exact, and for a batch
+        of prompts sharing their demonstrations, once in all), then every row reads its group's prefixes."""
+        adaptation = self.initial_adaptation(continued)
+        span = gradient_span(masks)
+        if span <= 1:
+            return adaptation
+        prefixes, final_prefix = adaptation.prefixes, adaptation.final_prefix
+        rows, group = _distinct_rows(input_ids, masks, span, lr)
+        step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
+        for _ in range(self.config.n_steps):
+            y, memories, final_x_hat, final_x = self._simulated_forward(
+                continued[rows, :span], TinTAdaptation(prefixes, final_prefix), step_context)
+            # Gradient module: loss gradient at the final-LN output, final LN backward + descent.
+            grad = self.loss_gradient(y, self.embed_tokens.weight, step_ids, masks.train[rows, : span - 1])
+            grad, final_prefix = self.final_norm.backward_descent(
+                grad, final_x, final_x_hat, final_prefix, step_context.token_lr, self.config.ln_bias_only,
+                self.config.backward, self.config.fd_scale)
+            for i in reversed(range(self.config.n_simulation_layers)):
+                grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
+        return TinTAdaptation([{slot: _per_row(p, group) for slot, p in layer.items()} for layer in prefixes],
+                              _per_row(final_prefix, group))
+
+    def _output_pass(self, hidden, adaptation: TinTAdaptation, context, start: int) -> torch.Tensor:
         """Final-LN outputs of positions ``start:``; when earlier segments are not needed, only those positions run."""
         if start > 0 and _segments_end_at(context, start):
-            return self._simulated_forward(hidden[:, start:], prefixes, final_prefix, context.window(start))[0]
-        return self._simulated_forward(hidden, prefixes, final_prefix, context)[0][:, start:]
+            return self._simulated_forward(hidden[:, start:], adaptation, context.window(start))[0]
+        return self._simulated_forward(hidden, adaptation, context)[0][:, start:]
 
-    def _simulated_forward(self, hidden, prefixes, final_prefix, context):
-        """The top layers (those the step updates) and the final LN, keeping each block's memory."""
+    def _simulated_forward(self, hidden, adaptation: TinTAdaptation, context):
+        """The top layers (those the step updates) and the final LN with the weights of ``adaptation``, keeping
+        each block's memory."""
         n, L = self.config.n_simulation_layers, self.spec.num_layers
         memories = []
-        for layer, layer_prefixes in zip(self.layers[L - n:], prefixes):
+        for layer, layer_prefixes in zip(self.layers[L - n:], adaptation.prefixes):
             hidden, memory = layer(hidden, layer_prefixes, context)
             memories.append(memory)
-        y, x_hat = self.final_norm(hidden, final_prefix)
+        y, x_hat = self.final_norm(hidden, adaptation.final_prefix)
         return y, memories, x_hat, hidden
 
     def default_train_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,6 +293,24 @@ class TinTModel(TinTPreTrainedModel):
         if train_mask is None:
             train_mask = self.default_train_mask(input_ids, attention_mask)
         return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
+
+
+def _no_step_arguments(input_ids: torch.Tensor, adaptation: TinTAdaptation, train_mask: torch.Tensor | None,
+                       loss_mask: torch.Tensor | None, inner_lr) -> torch.Tensor:
+    """Check a call that predicts with a given ``adaptation`` (no step of its own); its all-zero train_mask."""
+    if not isinstance(adaptation, TinTAdaptation):
+        raise TypeError(f"adaptation must be a TinTAdaptation (from model.adapt(...)), got {type(adaptation).__name__}.")
+    if adaptation.rows not in (1, input_ids.shape[0]):
+        raise ValueError(f"adaptation holds {adaptation.rows} updates, but the batch has {input_ids.shape[0]} rows: "
+                         "adapt on one sequence (shared by every row) or on as many rows as the batch.")
+    for name, value in (("loss_mask", loss_mask), ("inner_lr", inner_lr)):
+        if value is not None:
+            raise ValueError(f"{name} has no effect with adaptation= (the step has already been taken): pass it "
+                             "to adapt(...) instead.")
+    if train_mask is not None and bool(train_mask.bool().any()):
+        raise ValueError("train_mask marks training tokens, but adaptation= skips the step: train with "
+                         "adapt(...) first, or drop adaptation to take the step in this pass.")
+    return torch.zeros_like(input_ids)
 
 
 def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int,
@@ -296,7 +377,8 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 inner_lr: float | torch.Tensor | None = None, return_logits_before: bool = False,
-                segment_ids: torch.Tensor | None = None, logits_to_keep: int = 0, use_cache: bool | None = None,
+                segment_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                adaptation: TinTAdaptation | None = None, use_cache: bool | None = None,
                 return_dict: bool | None = None, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None) -> TinTCausalLMOutput | tuple:
         """One TinT pass: simulate, fine-tune on the training part, predict.
@@ -318,6 +400,8 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 summed loss of the separate demonstrations, then the query alone with the updated weights).
             logits_to_keep: return the logits of the last ``logits_to_keep`` positions only (0: all), and the loss on
                 them. When those positions form whole segments, the output pass runs on them alone.
+            adaptation: predict with weights already updated by :meth:`adapt` (R = 1 shared, or one per row) and
+                take no step: ``train_mask`` must be absent or all zero, ``loss_mask`` and ``inner_lr`` absent.
             use_cache: accepted for ``generate()``; TinT keeps no cache (each call simulates the whole sequence).
             return_dict: ``False`` returns ``output.to_tuple()`` (default ``config.return_dict``).
             output_hidden_states, output_attentions: not available (TinT's internal states are not the auxiliary
@@ -328,7 +412,7 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 raise ValueError(f"TinTForCausalLM does not return {name.removeprefix('output_')}; drop {name}=True.")
         out = self.model(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr,
                          return_hidden_before=return_logits_before, segment_ids=segment_ids,
-                         logits_to_keep=logits_to_keep)
+                         logits_to_keep=logits_to_keep, adaptation=adaptation)
         logits = self.lm_head(out.last_hidden_state)
         logits_before = self.lm_head(out.hidden_state_before) if return_logits_before else None
         loss = loss_before = None
@@ -343,13 +427,22 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         output = TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
+    def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
+              segment_ids: torch.Tensor | None = None) -> TinTAdaptation:
+        """The simulated step alone (see :meth:`TinTModel.adapt`): train once, then call ``forward`` or
+        ``generate`` with ``adaptation=`` on any number of batches."""
+        return self.model.adapt(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr, segment_ids)
+
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """``GenerationMixin.generate`` with TinT's arguments (``train_mask``, ``loss_mask``, ``segment_ids``,
         ``inner_lr``, ``position_ids``) passed to every step; masks grow with the generated tokens, which are never
         training tokens. Without ``train_mask`` the training part is :meth:`TinTModel.default_train_mask` of the
-        *prompt*, fixed for the whole generation. Every step re-runs the simulation on the sequence so far."""
+        *prompt*, fixed for the whole generation (with ``adaptation=``: none, the step is already taken). Every step
+        re-runs the simulation on the sequence so far."""
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        if kwargs.get("train_mask") is None and prompt is not None:
+        if kwargs.get("train_mask") is None and kwargs.get("adaptation") is None and prompt is not None:
             kwargs["train_mask"] = self.model.default_train_mask(prompt, kwargs.get("attention_mask"))
         return super().generate(inputs, generation_config, **kwargs)
 
