@@ -1,19 +1,32 @@
-"""Converting layers of a real pretrained model to mesa layers (tint_hf.conversion), with controls.
+"""Converting layers of a real pretrained model to mesa layers (tint_hf.conversion), with controls, over seeds.
 
-    python bench/mesa_conversion.py --model assets/smollm2-135m --layers 26,27,28,29 --solvers cg gd exact \
-        --seeds 0 --transfer-steps 40 --finetune-steps 30 --out bench/mesa_conversion
+    python bench/mesa_conversion.py --model assets/smollm2-135m --layers 26-29 22-29 --runs cg gd zero \
+        --seeds 0 1 2 --out outputs/mesa_conversion
+    python bench/mesa_conversion.py ... --runs exact --seeds 0 --out outputs/mesa_conversion   # adds to the same study
 
-Text: the shipped State of the Union sample (chronological); its last 20% (the later years) is held out. For each
-solver and seed, the held-out perplexity after each stage (init, calibrate, transfer, finetune), and the control of
-the same layers' attention output set to zero in the original model; per-position NLL of the original, the zeroed
-control and each final model (does the converted model use context beyond 64 tokens?). Writes results.json and
-results.md under --out.
+Text: the shipped State of the Union addresses, split by year: the model trains on the addresses whose heading does
+not start with --held-out (default 1961 and 1962, Kennedy) and is scored on those that do (1964, Johnson), in
+--block-size blocks. Runs, for every layer set and seed:
+
+* ``cg`` / ``gd`` / ``exact``: the mesa conversion with that solver (``gd`` is gated linear attention), stages init,
+  calibrate, transfer (--transfer-steps), finetune (--finetune-steps of LoRA + KL on the converted layers'
+  attention projections);
+* ``zero``: the removed-attention control: the original model with those layers' attention output set to zero,
+  fine-tuned with the same token budget (--transfer-steps + --finetune-steps LoRA + KL steps, same rank and lr) on
+  the same layers' feed-forward projections (the only trainable place left in them).
+
+Held-out perplexity after each stage and next-token NLL by position band of each final model (does it use context
+beyond 64 tokens?). results.json is rewritten after every run and a rerun skips the runs it holds, so an interrupted
+study continues; results.md holds mean +- std over seeds, nll_by_position.png the NLL by position.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,9 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tint_hf.assets import sample_text  # noqa: E402
-from tint_hf.conversion import ConversionSettings, convert, decoder_layers  # noqa: E402
+from tint_hf.assets import sample_speeches  # noqa: E402
+from tint_hf.conversion import ConversionSettings, convert, decoder_layers, finetune, perplexity  # noqa: E402
 from tint_hf.evaluation import text_blocks  # noqa: E402
+
+SOLVERS = ("cg", "gd", "exact")
+STUDY_ARGUMENTS = ("model", "held_out", "transfer_steps", "finetune_steps", "cg_steps", "block_size", "batch_size",
+                   "eval_blocks")  # runs recorded under other values of these cannot share one results.json
 
 
 @torch.no_grad()
@@ -53,65 +70,179 @@ def bands(nll: torch.Tensor) -> dict:
     return {f"{lo + 1}-{hi}": float(nll[lo:hi].mean()) for lo, hi in edges if hi > lo}
 
 
+def layer_set(text: str) -> list[int]:
+    """``26-29`` or ``26,27,28,29`` -> [26, 27, 28, 29]."""
+    if "-" in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def year_split(tokenizer, held_out: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+    """Training and held-out blocks from the addresses whose heading does / does not start with ``held_out``."""
+    speeches = sample_speeches()
+    held = [name for name in speeches if name.startswith(held_out)]
+    if not held or len(held) == len(speeches):
+        raise SystemExit(f"--held-out {held_out!r} must match some but not all of {list(speeches)}.")
+    kept = [name for name in speeches if name not in held]
+    blocks = {name: text_blocks(tokenizer, text, block_size) for name, text in speeches.items()}
+    return torch.cat([blocks[n] for n in kept]), torch.cat([blocks[n] for n in held]), kept, held
+
+
+def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: torch.Tensor, args, seed: int) -> dict:
+    """The removed-attention control, trained with the conversion's token budget (see the module docstring)."""
+    control = copy.deepcopy(teacher)
+    zeroed_attention(control, layers)
+    record = {"init": perplexity(control, evaluation, args.batch_size)}
+    torch.manual_seed(seed)
+    control, _ = finetune(control, teacher, train, args.transfer_steps + args.finetune_steps, 5e-4,
+                          batch_size=args.batch_size, seed=seed, progress=False, layers=layers, target="mlp")
+    record["finetune"] = perplexity(control, evaluation, args.batch_size)
+    return {"perplexity": record, "nll": nll_by_position(control, evaluation, args.batch_size)}
+
+
+def run_mesa(teacher, layers: list[int], train, evaluation, args, solver: str, seed: int, folder: Path) -> dict:
+    settings = ConversionSettings(mesa_layers=layers, mesa=dict(mesa_solver=solver, cg_steps=args.cg_steps),
+                                  transfer_steps=args.transfer_steps, finetune_steps=args.finetune_steps,
+                                  batch_size=args.batch_size, seed=seed)
+    student = convert(teacher, train, folder, settings, eval_blocks=evaluation, progress=False)
+    record = json.loads((folder / "stages.json").read_text())
+    return {"perplexity": {stage: facts["perplexity"] for stage, facts in record["stages"].items()},
+            "nll": nll_by_position(student, evaluation, args.batch_size)}
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def report(result: dict, out: Path) -> None:
+    """results.md (mean +- std over seeds per layer set and run) and nll_by_position.png."""
+    lines = []
+    for layers, reference in result["references"].items():
+        lines += [f"Layers {layers}:", "",
+                  "| model | seeds | init | calibrate | transfer | finetune | NLL 1-16 | 17-64 | 65-128 | 129-end | "
+                  "minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, facts in reference.items():
+            lines.append(f"| {name} | | {facts['perplexity']:.2f} | | | | "
+                         + " | ".join(f"{v:.3f}" for v in facts["bands"].values()) + " | |")
+        for kind in [*SOLVERS, "zero"]:
+            runs = [r for r in result["runs"] if r["layers"] == layers and r["run"] == kind]
+            if not runs:
+                continue
+            label = "attention zeroed, MLP LoRA + KL" if kind == "zero" else f"mesa `{kind}`"
+            cells = [mean_std([r["perplexity"][s] for r in runs if s in r["perplexity"]], 2)
+                     for s in ("init", "calibrate", "transfer", "finetune")]
+            cells += [mean_std([r["bands"][b] for r in runs], 3) for b in runs[0]["bands"]]
+            lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells)
+                         + f" | {statistics.mean(r['seconds'] for r in runs) / 60:.1f} |")
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    sets = list(result["references"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    window = 16
+    smooth = torch.ones(window) / window
+    for ax, layers in zip(axes[0], sets):
+        curves = {name: facts["nll"] for name, facts in result["references"][layers].items()}
+        for kind in [*SOLVERS, "zero"]:
+            runs = [r for r in result["runs"] if r["layers"] == layers and r["run"] == kind]
+            if runs:
+                curves[kind] = torch.tensor([r["nll"] for r in runs]).mean(0).tolist()
+        for name, nll in curves.items():
+            values = torch.nn.functional.conv1d(torch.tensor(nll)[None, None], smooth[None, None])[0, 0]
+            ax.plot(range(window, window + len(values)), values, label=name)
+        ax.axvline(64, color="grey", lw=0.5)
+        ax.set(title=f"SmolLM2 layers {layers} converted", xlabel="position", ylabel=f"NLL ({window}-token mean)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "nll_by_position.png", dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--layers", required=True)
-    parser.add_argument("--solvers", nargs="+", default=["cg", "gd", "exact"])
+    parser.add_argument("--layers", nargs="+", required=True, help="layer sets, e.g. 26-29 22-29 or 26,27,28,29")
+    parser.add_argument("--runs", nargs="+", default=["cg", "gd", "zero"], choices=[*SOLVERS, "zero"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--held-out", default="1964", help="heading prefix of the held-out addresses")
     parser.add_argument("--transfer-steps", type=int, default=40)
     parser.add_argument("--finetune-steps", type=int, default=30)
     parser.add_argument("--cg-steps", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--eval-blocks", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("bench/mesa_conversion"))
+    parser.add_argument("--eval-blocks", type=int, default=0, help="score this many held-out blocks (0: all)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/mesa_conversion"))
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each run's stage checkpoints (0.5 GB each for SmolLM2; default: only stages.json)")
     args = parser.parse_args()
 
-    layers = [int(x) for x in args.layers.split(",")]
     teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    blocks = text_blocks(tokenizer, sample_text(), args.block_size)
-    held = max(args.eval_blocks, len(blocks) // 5)
-    train, evaluation = blocks[:-held], blocks[-held:][: args.eval_blocks]
-    result = {"arguments": {k: str(v) for k, v in vars(args).items()}, "train_blocks": len(train),
-              "eval_blocks": len(evaluation), "runs": []}
-    teacher_nll = nll_by_position(teacher, evaluation, args.batch_size)
-    handles = zeroed_attention(teacher, layers)
-    zero_nll = nll_by_position(teacher, evaluation, args.batch_size)
-    for handle in handles:
-        handle.remove()
-    result["teacher"] = {"perplexity": float(teacher_nll.mean().exp()), "bands": bands(teacher_nll)}
-    result["zeroed_attention"] = {"perplexity": float(zero_nll.mean().exp()), "bands": bands(zero_nll)}
-    print(f"teacher {result['teacher']['perplexity']:.3f}  zeroed {result['zeroed_attention']['perplexity']:.3f}")
-    for solver in args.solvers:
-        for seed in args.seeds:
-            settings = ConversionSettings(mesa_layers=layers, mesa=dict(mesa_solver=solver, cg_steps=args.cg_steps),
-                                          transfer_steps=args.transfer_steps, finetune_steps=args.finetune_steps,
-                                          batch_size=args.batch_size, seed=seed)
-            start = time.perf_counter()
-            student = convert(teacher, train, args.out / f"{solver}-seed{seed}", settings, eval_blocks=evaluation)
-            seconds = time.perf_counter() - start
-            record = json.loads((args.out / f"{solver}-seed{seed}" / "stages.json").read_text())
-            final_nll = nll_by_position(student, evaluation, args.batch_size)
-            run = {"solver": solver, "seed": seed, "seconds": seconds,
-                   "perplexity": {stage: facts["perplexity"] for stage, facts in record["stages"].items()},
-                   "bands": bands(final_nll)}
-            result["runs"].append(run)
-            print(solver, seed, {k: round(v, 3) for k, v in run["perplexity"].items()}, f"{seconds:.0f} s")
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["| model | init | calibrate | transfer | finetune | NLL 1-16 | 17-64 | 65-128 | 129-end | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("teacher", "zeroed_attention"):
-        ppl, b = result[name]["perplexity"], result[name]["bands"]
-        lines.append(f"| {name} | {ppl:.2f} | | | | " + " | ".join(f"{v:.3f}" for v in b.values()) + " | |")
-    for run in result["runs"]:
-        p = run["perplexity"]
-        lines.append(f"| mesa {run['solver']} seed {run['seed']} | " + " | ".join(
-            f"{p.get(s, float('nan')):.2f}" for s in ("init", "calibrate", "transfer", "finetune")) + " | "
-            + " | ".join(f"{v:.3f}" for v in run["bands"].values()) + f" | {run['seconds'] / 60:.1f} |")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    train, evaluation, kept, held = year_split(tokenizer, args.held_out, args.block_size)
+    evaluation = evaluation[: args.eval_blocks or None]
+    study = {name: str(getattr(args, name)) for name in STUDY_ARGUMENTS}
+    path = args.out / "results.json"
+    result = json.loads(path.read_text()) if path.exists() else {
+        "study": study, "train": kept, "held_out": held, "train_tokens": train.numel(),
+        "eval_tokens": evaluation.numel(), "references": {}, "runs": []}
+    if result["study"] != study:
+        raise SystemExit(f"{path} was made with other settings {result['study']}; use another --out.")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+    for layers in map(layer_set, args.layers):
+        key = ",".join(map(str, layers))
+        if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+            key = f"{layers[0]}-{layers[-1]}"
+        if key not in result["references"]:
+            teacher_nll = nll_by_position(teacher, evaluation, args.batch_size)
+            handles = zeroed_attention(teacher, layers)
+            zero_nll = nll_by_position(teacher, evaluation, args.batch_size)
+            for handle in handles:
+                handle.remove()
+            result["references"][key] = {
+                name: {"perplexity": float(nll.mean().exp()), "bands": bands(nll), "nll": nll.tolist()}
+                for name, nll in (("teacher", teacher_nll), ("attention zeroed, untrained", zero_nll))}
+            save()
+    for seed in args.seeds:
+        for layers in map(layer_set, args.layers):
+            key = next(k for k in result["references"] if layer_set(k) == layers)
+            for kind in args.runs:
+                if any(r["layers"] == key and r["run"] == kind and r["seed"] == seed for r in result["runs"]):
+                    continue
+                start = time.perf_counter()
+                if kind == "zero":
+                    run = run_control(teacher, layers, train, evaluation, args, seed)
+                else:
+                    folder = args.out / f"L{key}-{kind}-seed{seed}"
+                    run = run_mesa(teacher, layers, train, evaluation, args, kind, seed, folder)
+                    if not args.keep_checkpoints:
+                        for stage in folder.iterdir():
+                            if stage.is_dir():
+                                shutil.rmtree(stage)
+                nll = run.pop("nll")
+                run.update(layers=key, run=kind, seed=seed, seconds=time.perf_counter() - start, bands=bands(nll),
+                           nll=nll.tolist())
+                result["runs"].append(run)
+                save()
+                print(key, kind, seed, {k: round(v, 2) for k, v in run["perplexity"].items()},
+                      f"{run['seconds']:.0f} s", flush=True)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

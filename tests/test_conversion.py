@@ -3,6 +3,7 @@ teachers, the pipeline resumes after its last finished stage, and its checkpoint
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -68,6 +69,31 @@ def test_attention_transfer_and_lora_kl_lower_their_objectives(family):
     assert kl_after < kl_before, (kl_before, kl_after)
     assert not any("lora" in name for name, _ in student.named_parameters())  # merged
     assert all(torch.equal(p, original[name]) for name, p in teacher.named_parameters())  # the teacher never trains
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_mlp_lora_finetunes_a_plain_model_on_the_chosen_layers_only(family):
+    """The trained removed-attention control: a plain model (no mesa layers) whose layer-1 attention output is zeroed,
+    LoRA on that layer's feed-forward projections only; the objective falls and nothing else changes."""
+    teacher = (tiny_opt if family == "opt" else tiny_llama)(dtype=torch.float32)
+    control = copy.deepcopy(teacher)
+    decoder_layers(control)[1].self_attn.register_forward_hook(
+        lambda module, args, output: (torch.zeros_like(output[0]),) + tuple(output[1:]))
+    original = {name: p.detach().clone() for name, p in control.named_parameters()}
+    seen = blocks()[:8]
+    with torch.no_grad():
+        before = float(distillation_loss(control, teacher, seen, 1.0))
+    control, _ = finetune(control, teacher, seen, steps=20, lr=3e-3, rank=4, progress=False, layers=[1], target="mlp")
+    with torch.no_grad():
+        after = float(distillation_loss(control, teacher, seen, 1.0))
+    assert after < before, (before, after)
+    changed = {name for name, p in control.named_parameters() if not torch.equal(p, original[name])}
+    mlp = ("fc1", "fc2") if family == "opt" else ("gate_proj", "up_proj", "down_proj")
+    assert changed and all(".layers.1." in name and name.split(".")[-2] in mlp for name in changed), changed
+    with pytest.raises(ValueError, match="needs layers"):
+        finetune(teacher, teacher, seen, steps=1, lr=1e-3, progress=False)
+    with pytest.raises(ValueError, match="target='ffn'"):
+        finetune(control, teacher, seen, steps=1, lr=1e-3, progress=False, layers=[1], target="ffn")
 
 
 def test_convert_saves_each_stage_resumes_and_refuses_other_settings(tmp_path):

@@ -25,7 +25,17 @@ def load_gpt2_tokenizer() -> PreTrainedTokenizerBase:
     return tok
 
 
+def sample_speeches() -> dict[str, str]:
+    """The addresses of the sample text by heading, in order: ``{"1961_john_f_kennedy_d": text, ...}``."""
+    speeches: dict[str, list[str]] = {}
+    for line in SOTU_PATH.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            speeches[line.removeprefix("## ").strip()] = []
+        elif line and not line.startswith("#"):
+            speeches[next(reversed(speeches))].append(line)
+    return {name: "\n".join(lines) for name, lines in speeches.items()}
+
+
 def sample_text() -> str:
-    """Running English text (about 89 kB) for demos, smoke tests and tiny training runs."""
-    lines = SOTU_PATH.read_text(encoding="utf-8").splitlines()
-    return "\n".join(line for line in lines if line and not line.startswith("#"))
+    """Running English text (about 89 kB) for demos, smoke tests and tiny training runs: every address in order."""
+    return "\n".join(sample_speeches().values())

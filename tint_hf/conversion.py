@@ -246,21 +246,33 @@ def distillation_loss(student: nn.Module, teacher: PreTrainedModel, batch: torch
     return ce + kl_weight * kl
 
 
+LORA_TARGETS = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj|o_proj)",
+                "mlp": r"(mlp\.)?(fc1|fc2|gate_proj|up_proj|down_proj)"}
+
+
 def finetune(student: PreTrainedModel, teacher: PreTrainedModel, blocks: torch.Tensor, steps: int, lr: float,
-             rank: int = 8, kl_weight: float = 1.0, batch_size: int = 4, seed: int = 0, progress: bool = True
-             ) -> tuple[PreTrainedModel, list[float]]:
-    """Stage 3: LoRA (peft, rank ``rank``) on the converted layers' q/k/v/output projections plus the mesa
-    parameters, on :func:`distillation_loss`; returns the merged model and the losses."""
+             rank: int = 8, kl_weight: float = 1.0, batch_size: int = 4, seed: int = 0, progress: bool = True,
+             layers: Sequence[int] | None = None, target: str = "attention") -> tuple[PreTrainedModel, list[float]]:
+    """Stage 3: LoRA (peft, rank ``rank``) on the projections ``target`` (``attention``: q/k/v/output, ``mlp``: the
+    feed-forward ones) of ``layers`` (default: the converted layers) plus any mesa parameters, on
+    :func:`distillation_loss`; returns the merged model and the losses. ``layers`` and ``target="mlp"`` serve
+    controls that are not mesa models (e.g. a model whose attention in those layers is removed)."""
     from ._optional import require
 
     peft = require("peft", "peft", "The LoRA fine-tuning stage of the mesa conversion")
-    out_name = "out_proj" if isinstance(student, MesaOPTForCausalLM) else "o_proj"
-    layers = "|".join(str(i) for i in student.config.mesa_layers)
+    if target not in LORA_TARGETS:
+        raise ValueError(f"target={target!r}: choose one of {sorted(LORA_TARGETS)}.")
+    is_mesa = hasattr(student.config, "mesa_layers")
+    layers = student.config.mesa_layers if layers is None and is_mesa else layers
+    if not layers:
+        raise ValueError("finetune needs layers=[...] for a model that is not a mesa model.")
+    names = "|".join(str(i) for i in layers)
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                             target_modules=rf".*\.layers\.({layers})\.self_attn\.(q_proj|k_proj|v_proj|{out_name})")
+                             target_modules=rf".*\.layers\.({names})\.{LORA_TARGETS[target]}")
     wrapped = peft.get_peft_model(student, config)
-    for param in mesa_parameters(wrapped.base_model.model):
-        param.requires_grad_(True)
+    if is_mesa:
+        for param in mesa_parameters(wrapped.base_model.model):
+            param.requires_grad_(True)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     wrapped.train()
     losses = _train(trainable, lambda batch: distillation_loss(wrapped, teacher, batch, kl_weight), blocks, steps, lr,
@@ -337,5 +349,5 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
     return student
 
 
-__all__ = ["STAGES", "ConversionSettings", "calibrate", "convert", "decoder_layers", "distillation_loss", "finetune",
+__all__ = ["LORA_TARGETS", "STAGES", "ConversionSettings", "calibrate", "convert", "decoder_layers", "distillation_loss", "finetune",
            "head_rms", "init_student", "mesa_parameters", "perplexity", "transfer", "transfer_loss"]
