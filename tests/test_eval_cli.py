@@ -162,6 +162,14 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, t
         [json.loads(line)["key"] for line in cells]  # the cut line is gone, the recomputed cells appended cleanly
     resumed = json.loads((out / "results.json").read_text())["runs"]
     assert resumed == complete
+    # another choice of cells (here: a mode added, one seed) extends the folder: only the new cells are computed
+    computed.clear()
+    extended = [a if a != "icl,dynamic" else "icl,tint" for a in args]
+    extended[extended.index("--seeds") + 1] = "1"
+    assert main(extended) == 0
+    assert computed == [("tint", 0, 1), ("tint", 2, 1)]
+    assert len((out / "cells.jsonl").read_text().splitlines()) == 8
+    complete = json.loads((out / "results.json").read_text())["runs"]
     with pytest.raises(SystemExit, match=r"other settings \(differing: lrs\).*--overwrite"):
         main([a if a != "0,0.05" else "0,0.1" for a in args])
     assert json.loads((out / "results.json").read_text())["runs"] == complete  # untouched

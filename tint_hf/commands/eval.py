@@ -43,6 +43,11 @@ PRESETS = {
 }
 # Settings that cannot change a result: a resumed run may differ in these.
 NOT_SETTINGS = ("out", "quiet", "no_plot", "overwrite", "func", "batch_size")
+# Arguments that only choose which cells run: each cell's key names its task, mode label (variant, loss, layers,
+# steps, approximations), shots and seed, so a later call in the same --out may choose other cells (add a task or a
+# mode, or fill in a column) while the cells already there stay valid. Everything else must match.
+CELL_SELECTION = ("tasks", "modes", "shots", "seeds", "layers", "n_steps", "loss", "variant", "tint_approximations",
+                  "train_on_query", "preset")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -228,15 +233,17 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def open_store(args: argparse.Namespace) -> CellStore:
-    """The run's :class:`CellStore` in ``--out``: resumed when the settings match, replaced with ``--overwrite``,
-    refused otherwise (nothing is overwritten silently)."""
+    """The run's :class:`CellStore` in ``--out``: resumed (and extended) when the settings other than
+    :data:`CELL_SELECTION` match, replaced with ``--overwrite``, refused otherwise (nothing is overwritten silently).
+    ``settings.json`` holds the latest call's arguments."""
     out, settings = Path(args.out), settings_of(args)
     saved = out / "settings.json"
     previous = json.loads(saved.read_text()) if saved.exists() else {}
     finished = [p.name for p in (out / "cells.jsonl", out / "results.json") if p.exists() and p.stat().st_size]
-    if finished and previous != settings:
+    changed = sorted(k for k in set(settings) | set(previous)
+                     if k not in CELL_SELECTION and previous.get(k) != settings.get(k))
+    if finished and changed:
         if not args.overwrite:
-            changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
             raise SystemExit(f"--out {out} holds a run ({', '.join(finished)}) with other settings (differing: "
                              f"{', '.join(changed)}). Use another --out, or pass --overwrite to discard it.")
         for name in ("cells.jsonl", "results.json", "predictions.jsonl", "summary.md", "accuracy.png"):
