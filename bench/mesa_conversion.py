@@ -11,9 +11,12 @@ not start with --held-out (default 1961 and 1962, Kennedy) and is scored on thos
 * ``cg`` / ``gd`` / ``exact``: the mesa conversion with that solver (``gd`` is gated linear attention), stages init,
   calibrate, transfer (--transfer-steps), finetune (--finetune-steps of LoRA + KL on the converted layers'
   attention projections);
+* ``cg-mlp`` (any solver + ``-mlp``): the same conversion with LoRA on the converted layers' feed-forward projections;
 * ``zero``: the removed-attention control: the original model with those layers' attention output set to zero,
   fine-tuned with the same token budget (--transfer-steps + --finetune-steps LoRA + KL steps, same rank and lr) on
-  the same layers' feed-forward projections (the only trainable place left in them).
+  the same layers' feed-forward projections (the only trainable place left in them);
+* ``original``: the original model fine-tuned the same way with its attention intact: what the fine-tuning gains
+  from the training text alone (the held-out addresses share its domain).
 
 Held-out perplexity after each stage and next-token NLL by position band of each final model (does it use context
 beyond 64 tokens?). results.json is rewritten after every run and a rerun skips the runs it holds, so an interrupted
@@ -43,6 +46,10 @@ from tint_hf.conversion import ConversionSettings, convert, decoder_layers, fine
 from tint_hf.evaluation import text_blocks  # noqa: E402
 
 SOLVERS = ("cg", "gd", "exact")
+KINDS = (*SOLVERS, *(f"{solver}-mlp" for solver in SOLVERS), "zero", "original")
+LABELS = {"zero": "attention zeroed, MLP LoRA + KL", "original": "original, MLP LoRA + KL",
+          **{solver: f"mesa `{solver}`" for solver in SOLVERS},
+          **{f"{solver}-mlp": f"mesa `{solver}`, MLP LoRA" for solver in SOLVERS}}
 STUDY_ARGUMENTS = ("model", "held_out", "transfer_steps", "finetune_steps", "cg_steps", "block_size", "batch_size",
                    "eval_blocks")  # runs recorded under other values of these cannot share one results.json
 
@@ -89,10 +96,13 @@ def year_split(tokenizer, held_out: str, block_size: int) -> tuple[torch.Tensor,
     return torch.cat([blocks[n] for n in kept]), torch.cat([blocks[n] for n in held]), kept, held
 
 
-def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: torch.Tensor, args, seed: int) -> dict:
-    """The removed-attention control, trained with the conversion's token budget (see the module docstring)."""
+def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: torch.Tensor, args, seed: int,
+                zero: bool) -> dict:
+    """The original model, its attention in ``layers`` zeroed or not, fine-tuned with the conversion's token budget
+    on those layers' feed-forward projections (see the module docstring)."""
     control = copy.deepcopy(teacher)
-    zeroed_attention(control, layers)
+    if zero:
+        zeroed_attention(control, layers)
     record = {"init": perplexity(control, evaluation, args.batch_size)}
     torch.manual_seed(seed)
     control, _ = finetune(control, teacher, train, args.transfer_steps + args.finetune_steps, 5e-4,
@@ -101,10 +111,11 @@ def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: tor
     return {"perplexity": record, "nll": nll_by_position(control, evaluation, args.batch_size)}
 
 
-def run_mesa(teacher, layers: list[int], train, evaluation, args, solver: str, seed: int, folder: Path) -> dict:
+def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, seed: int, folder: Path) -> dict:
+    solver, _, target = kind.partition("-")
     settings = ConversionSettings(mesa_layers=layers, mesa=dict(mesa_solver=solver, cg_steps=args.cg_steps),
                                   transfer_steps=args.transfer_steps, finetune_steps=args.finetune_steps,
-                                  batch_size=args.batch_size, seed=seed)
+                                  batch_size=args.batch_size, seed=seed, lora_target=target or "attention")
     student = convert(teacher, train, folder, settings, eval_blocks=evaluation, progress=False)
     record = json.loads((folder / "stages.json").read_text())
     return {"perplexity": {stage: facts["perplexity"] for stage, facts in record["stages"].items()},
@@ -129,11 +140,11 @@ def report(result: dict, out: Path) -> None:
         for name, facts in reference.items():
             lines.append(f"| {name} | | {facts['perplexity']:.2f} | | | | "
                          + " | ".join(f"{v:.3f}" for v in facts["bands"].values()) + " | |")
-        for kind in [*SOLVERS, "zero"]:
+        for kind in KINDS:
             runs = [r for r in result["runs"] if r["layers"] == layers and r["run"] == kind]
             if not runs:
                 continue
-            label = "attention zeroed, MLP LoRA + KL" if kind == "zero" else f"mesa `{kind}`"
+            label = LABELS[kind]
             cells = [mean_std([r["perplexity"][s] for r in runs if s in r["perplexity"]], 2)
                      for s in ("init", "calibrate", "transfer", "finetune")]
             cells += [mean_std([r["bands"][b] for r in runs], 3) for b in runs[0]["bands"]]
@@ -155,7 +166,7 @@ def report(result: dict, out: Path) -> None:
     smooth = torch.ones(window) / window
     for ax, layers in zip(axes[0], sets):
         curves = {name: facts["nll"] for name, facts in result["references"][layers].items()}
-        for kind in [*SOLVERS, "zero"]:
+        for kind in KINDS:
             runs = [r for r in result["runs"] if r["layers"] == layers and r["run"] == kind]
             if runs:
                 curves[kind] = torch.tensor([r["nll"] for r in runs]).mean(0).tolist()
@@ -173,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--layers", nargs="+", required=True, help="layer sets, e.g. 26-29 22-29 or 26,27,28,29")
-    parser.add_argument("--runs", nargs="+", default=["cg", "gd", "zero"], choices=[*SOLVERS, "zero"])
+    parser.add_argument("--runs", nargs="+", default=["cg", "gd", "zero"], choices=KINDS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--held-out", default="1964", help="heading prefix of the held-out addresses")
     parser.add_argument("--transfer-steps", type=int, default=40)
@@ -226,8 +237,8 @@ def main() -> None:
                 if any(r["layers"] == key and r["run"] == kind and r["seed"] == seed for r in result["runs"]):
                     continue
                 start = time.perf_counter()
-                if kind == "zero":
-                    run = run_control(teacher, layers, train, evaluation, args, seed)
+                if kind in ("zero", "original"):
+                    run = run_control(teacher, layers, train, evaluation, args, seed, zero=kind == "zero")
                 else:
                     folder = args.out / f"L{key}-{kind}-seed{seed}"
                     run = run_mesa(teacher, layers, train, evaluation, args, kind, seed, folder)

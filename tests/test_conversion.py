@@ -106,7 +106,8 @@ def test_convert_saves_each_stage_resumes_and_refuses_other_settings(tmp_path):
     assert list(record["stages"]) == ["init", "calibrate", "transfer", "finetune"]
     assert all("perplexity" in facts for facts in record["stages"].values()) and "teacher_perplexity" in record
     # an interrupted run: the last stage is missing; the rerun redoes only that one
-    del record["stages"]["finetune"]
+    # (a folder written before `lora_target` existed holds its default and resumes as well)
+    del record["stages"]["finetune"], record["settings"]["lora_target"]
     (out / "stages.json").write_text(json.dumps(record))
     again = convert(teacher, blocks(), out, settings, progress=False)
     redone = json.loads((out / "stages.json").read_text())
@@ -131,6 +132,8 @@ def test_bad_conversion_requests_are_refused():
         ConversionSettings(mesa_layers=[0], stages=("transfer", "calibrate"))
     with pytest.raises(ValueError, match="empty"):
         ConversionSettings(mesa_layers=[])
+    with pytest.raises(ValueError, match="lora_target='ffn'"):
+        ConversionSettings(mesa_layers=[0], lora_target="ffn")
 
 
 def test_convert_mesa_cli_runs_every_stage_on_a_local_model(tmp_path, capsys):

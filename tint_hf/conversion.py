@@ -7,7 +7,7 @@ its own objective against the frozen original (the teacher).
 2. ``transfer`` (attention transfer): per converted layer, minimise the MSE between the mesa mixer's output and the
    teacher's softmax attention output, both fed the teacher's cached mixer input; only the mesa parameters train
    (plus q/k/v with ``train_qkv``).
-3. ``finetune``: LoRA (peft) on the converted layers' projections, mesa parameters trainable, with loss
+3. ``finetune``: LoRA (peft) on the converted layers' attention (default) or feed-forward projections, mesa parameters trainable, with loss
    ``CE(labels) + kl_weight * KL(teacher || student)`` per token; the adapters are merged at the end.
 
 :func:`convert` runs the stages into a folder, one sub-folder per finished stage (a loadable checkpoint) plus
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -34,6 +34,9 @@ from .models.mesa_llama.mesa_attention import MESA_PARAMETERS
 from .models.mesa_opt import MesaOPTForCausalLM
 
 STAGES = ("calibrate", "transfer", "finetune")
+# LoRA targets of the fine-tuning stage, as regexes below `layers.<i>.` (OPT and Llama-family names)
+LORA_TARGETS = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj|o_proj)",
+                "mlp": r"(mlp\.)?(fc1|fc2|gate_proj|up_proj|down_proj)"}
 
 
 @dataclass
@@ -50,6 +53,7 @@ class ConversionSettings:
     finetune_steps: int = 200
     finetune_lr: float = 5e-4
     lora_rank: int = 8
+    lora_target: str = "attention"
     kl_weight: float = 1.0
     batch_size: int = 4
     seed: int = 0
@@ -62,6 +66,8 @@ class ConversionSettings:
             raise ValueError(f"stages must keep the order {STAGES}, got {list(self.stages)}.")
         if not self.mesa_layers:
             raise ValueError("mesa_layers is empty: name the layers to convert (e.g. [8, 9, 10, 11]).")
+        if self.lora_target not in LORA_TARGETS:
+            raise ValueError(f"lora_target={self.lora_target!r}: choose one of {sorted(LORA_TARGETS)}.")
         self.stages = tuple(self.stages)
 
 
@@ -246,10 +252,6 @@ def distillation_loss(student: nn.Module, teacher: PreTrainedModel, batch: torch
     return ce + kl_weight * kl
 
 
-LORA_TARGETS = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj|o_proj)",
-                "mlp": r"(mlp\.)?(fc1|fc2|gate_proj|up_proj|down_proj)"}
-
-
 def finetune(student: PreTrainedModel, teacher: PreTrainedModel, blocks: torch.Tensor, steps: int, lr: float,
              rank: int = 8, kl_weight: float = 1.0, batch_size: int = 4, seed: int = 0, progress: bool = True,
              layers: Sequence[int] | None = None, target: str = "attention") -> tuple[PreTrainedModel, list[float]]:
@@ -308,7 +310,10 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
     record_path = out_dir / "stages.json"
     wanted = json.loads(json.dumps(asdict(settings)))
     record = json.loads(record_path.read_text()) if record_path.exists() else {"settings": wanted, "stages": {}}
-    if record["settings"] != wanted:
+    # a folder written before a settings field existed holds that field's default
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(ConversionSettings) if f.default is not MISSING}))
+    saved = {**{k: v for k, v in defaults.items() if k not in record["settings"]}, **record["settings"]}
+    if saved != wanted:
         raise ValueError(f"{out_dir} holds a conversion made with other settings ({record_path}); use another "
                          "--out folder or delete it.")
     teacher = teacher.eval()
@@ -344,7 +349,7 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
         else:
             student, losses = finetune(student, teacher, train_blocks, settings.finetune_steps, settings.finetune_lr,
                                        settings.lora_rank, settings.kl_weight, settings.batch_size, settings.seed,
-                                       progress)
+                                       progress, target=settings.lora_target)
             save(stage, student, losses=losses)
     return student
 

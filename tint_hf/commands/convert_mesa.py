@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-target", choices=["attention", "mlp"], default="attention",
+                        help="Projections of the converted layers that LoRA fine-tunes.")
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ConversionSettings(
         mesa_layers=args.layers, mesa=mesa, stages=tuple(s for s in args.stages.split(",") if s),
         transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr, train_qkv=args.train_qkv,
-        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank,
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank, lora_target=args.lora_target,
         kl_weight=args.kl_weight, batch_size=args.batch_size, seed=args.seed)
     teacher, tokenizer = load_model(args)
     text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
