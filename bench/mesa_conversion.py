@@ -85,6 +85,13 @@ def layer_set(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def layer_key(layers: list[int]) -> str:
+    """[26, 27, 28, 29] -> ``26-29`` (a contiguous range), else ``1,5``: the layer set's name in results.json."""
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
 def year_split(tokenizer, held_out: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
     """Training and held-out blocks from the addresses whose heading does / does not start with ``held_out``."""
     speeches = sample_speeches()
@@ -97,13 +104,14 @@ def year_split(tokenizer, held_out: str, block_size: int) -> tuple[torch.Tensor,
 
 
 def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: torch.Tensor, args, seed: int,
-                zero: bool) -> dict:
+                zero: bool, initial: float) -> dict:
     """The original model, its attention in ``layers`` zeroed or not, fine-tuned with the conversion's token budget
-    on those layers' feed-forward projections (see the module docstring)."""
+    on those layers' feed-forward projections (see the module docstring); ``initial``: its perplexity before, as
+    already measured for the references."""
     control = copy.deepcopy(teacher)
     if zero:
         zeroed_attention(control, layers)
-    record = {"init": perplexity(control, evaluation, args.batch_size)}
+    record = {"init": initial}
     torch.manual_seed(seed)
     control, _ = finetune(control, teacher, train, args.transfer_steps + args.finetune_steps, 5e-4,
                           batch_size=args.batch_size, seed=seed, progress=False, layers=layers, target="mlp")
@@ -217,9 +225,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1) + "\n")
 
     for layers in map(layer_set, args.layers):
-        key = ",".join(map(str, layers))
-        if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
-            key = f"{layers[0]}-{layers[-1]}"
+        key = layer_key(layers)
         if key not in result["references"]:
             teacher_nll = nll_by_position(teacher, evaluation, args.batch_size)
             handles = zeroed_attention(teacher, layers)
@@ -232,13 +238,15 @@ def main() -> None:
             save()
     for seed in args.seeds:
         for layers in map(layer_set, args.layers):
-            key = next(k for k in result["references"] if layer_set(k) == layers)
+            key = layer_key(layers)
             for kind in args.runs:
                 if any(r["layers"] == key and r["run"] == kind and r["seed"] == seed for r in result["runs"]):
                     continue
                 start = time.perf_counter()
                 if kind in ("zero", "original"):
-                    run = run_control(teacher, layers, train, evaluation, args, seed, zero=kind == "zero")
+                    reference = "attention zeroed, untrained" if kind == "zero" else "teacher"
+                    run = run_control(teacher, layers, train, evaluation, args, seed, zero=kind == "zero",
+                                      initial=result["references"][key][reference]["perplexity"])
                 else:
                     folder = args.out / f"L{key}-{kind}-seed{seed}"
                     run = run_mesa(teacher, layers, train, evaluation, args, kind, seed, folder)

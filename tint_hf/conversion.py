@@ -7,8 +7,9 @@ its own objective against the frozen original (the teacher).
 2. ``transfer`` (attention transfer): per converted layer, minimise the MSE between the mesa mixer's output and the
    teacher's softmax attention output, both fed the teacher's cached mixer input; only the mesa parameters train
    (plus q/k/v with ``train_qkv``).
-3. ``finetune``: LoRA (peft) on the converted layers' attention (default) or feed-forward projections, mesa parameters trainable, with loss
-   ``CE(labels) + kl_weight * KL(teacher || student)`` per token; the adapters are merged at the end.
+3. ``finetune``: LoRA (peft) on the converted layers' attention (default) or feed-forward projections, mesa
+   parameters trainable, with loss ``CE(labels) + kl_weight * KL(teacher || student)`` per token; the adapters are
+   merged at the end.
 
 :func:`convert` runs the stages into a folder, one sub-folder per finished stage (a loadable checkpoint) plus
 ``stages.json`` (settings and loss curves); rerunning continues after the last finished stage and refuses to mix
@@ -311,7 +312,8 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
     wanted = json.loads(json.dumps(asdict(settings)))
     record = json.loads(record_path.read_text()) if record_path.exists() else {"settings": wanted, "stages": {}}
     # a folder written before a settings field existed holds that field's default
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(ConversionSettings) if f.default is not MISSING}))
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(ConversionSettings)
+                                      if f.default is not MISSING}))
     saved = {**{k: v for k, v in defaults.items() if k not in record["settings"]}, **record["settings"]}
     if saved != wanted:
         raise ValueError(f"{out_dir} holds a conversion made with other settings ({record_path}); use another "
@@ -354,5 +356,5 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
     return student
 
 
-__all__ = ["LORA_TARGETS", "STAGES", "ConversionSettings", "calibrate", "convert", "decoder_layers", "distillation_loss", "finetune",
-           "head_rms", "init_student", "mesa_parameters", "perplexity", "transfer", "transfer_loss"]
+__all__ = ["LORA_TARGETS", "STAGES", "ConversionSettings", "calibrate", "convert", "decoder_layers",
+           "distillation_loss", "finetune", "head_rms", "init_student", "mesa_parameters", "perplexity", "transfer", "transfer_loss"]

@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ConversionSettings(
         mesa_layers=args.layers, mesa=mesa, stages=tuple(s for s in args.stages.split(",") if s),
         transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr, train_qkv=args.train_qkv,
-        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank, lora_target=args.lora_target,
-        kl_weight=args.kl_weight, batch_size=args.batch_size, seed=args.seed)
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank,
+        lora_target=args.lora_target, kl_weight=args.kl_weight, batch_size=args.batch_size, seed=args.seed)
     teacher, tokenizer = load_model(args)
     text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
     blocks = text_blocks(tokenizer, text, args.block_size)

@@ -23,12 +23,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..simulate import Approximations, forward_with_params, sgd_update, tint_step
+
+if TYPE_CHECKING:
+    from ..models.tint import TinTAdaptation
 
 MIN_SHARED_PREFIX = 8  # below this many shared leading tokens, prefix caching is not worth a second forward call
 
@@ -207,7 +211,7 @@ class TinTForward:
         self.demonstrations = demonstrations
         self._adaptation = None
 
-    def adaptation(self):
+    def adaptation(self) -> TinTAdaptation:
         """The single-FT step on the demonstrations, taken on first use and kept for every later batch."""
         if self._adaptation is None:
             demos, segments = _pack_segments(self.demonstrations)
@@ -217,14 +221,14 @@ class TinTForward:
         return self._adaptation
 
     def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
-        keep = batch.input_ids.shape[1] - logits_from
+        if self.demonstrations is not None:  # single-FT: the rows only read the demonstrations' step
+            step = dict(adaptation=self.adaptation())
+        else:  # each row trains on its own training part
+            step = dict(train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
+                        inner_lr=self.inner_lr)
         with torch.no_grad():
-            if self.demonstrations is not None:
-                return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  adaptation=self.adaptation(), logits_to_keep=keep).logits
             return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
-                              inner_lr=self.inner_lr, logits_to_keep=keep).logits
+                              logits_to_keep=batch.input_ids.shape[1] - logits_from, **step).logits
 
 
 def _pack_segments(rows: Batch) -> tuple[Batch, torch.Tensor]:

@@ -171,8 +171,8 @@ class TinTModel(TinTPreTrainedModel):
               position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
               segment_ids: torch.Tensor | None = None) -> TinTAdaptation:
         """Only the simulated step(s) on training sequences (B, T): the updated weights, one set per row (R = B).
-        Arguments as :meth:`TinTForCausalLM.forward`, except that
-        ``train_mask`` defaults to every real token (the sequences are the training data).
+        Arguments as :meth:`TinTForCausalLM.forward`, except that ``train_mask`` defaults to every real token (the
+        sequences are the training data).
 
         ``forward(x, adaptation=model.adapt(d, ...))`` equals the one pass on ``d`` and ``x`` packed as segments
         (``segment_ids``) or, for a ``d`` that is a prefix of ``x``, the one pass on ``x`` with ``train_mask`` on
