@@ -96,8 +96,9 @@ def test_mlp_lora_finetunes_a_plain_model_on_the_chosen_layers_only(family):
         finetune(control, teacher, seen, steps=1, lr=1e-3, progress=False, layers=[1], target="ffn")
 
 
-def test_convert_saves_each_stage_resumes_and_refuses_other_settings(tmp_path):
-    teacher = tiny_opt(dtype=torch.float32)
+@pytest.mark.parametrize("family", sorted(TEACHERS))
+def test_convert_saves_each_stage_resumes_and_refuses_other_settings(family, tmp_path):
+    teacher = TEACHERS[family]()
     settings = ConversionSettings(mesa_layers=[1], mesa=dict(mesa_solver="cg", cg_steps=8), transfer_steps=6,
                                   finetune_steps=4, lora_rank=2)
     out = tmp_path / "conv"
@@ -120,7 +121,8 @@ def test_convert_saves_each_stage_resumes_and_refuses_other_settings(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, again(ids).logits)
     kwargs = dict(max_new_tokens=4, do_sample=False)
     assert torch.equal(loaded.generate(ids, **kwargs), loaded.generate(ids, use_cache=False, **kwargs))
-    assert type(model).__name__ == "MesaOPTForCausalLM"
+    expected = {"opt": "MesaOPTForCausalLM", "llama": "MesaLlamaForCausalLM"}[family]
+    assert type(model).__name__ == type(loaded).__name__ == expected
 
 
 def test_bad_conversion_requests_are_refused():
