@@ -41,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tint_hf.assets import sample_speeches  # noqa: E402
 from tint_hf.conversion import ConversionSettings, convert, decoder_layers, finetune, perplexity  # noqa: E402
-from tint_hf.evaluation import text_blocks  # noqa: E402
+from tint_hf.evaluation import address_split  # noqa: E402
 
 SOLVERS = ("cg", "gd", "exact")
 KINDS = (*SOLVERS, *(f"{solver}-mlp" for solver in SOLVERS), "zero", "original")
@@ -90,17 +89,6 @@ def layer_key(layers: list[int]) -> str:
     if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}-{layers[-1]}"
     return ",".join(map(str, layers))
-
-
-def year_split(tokenizer, held_out: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
-    """Training and held-out blocks from the addresses whose heading does / does not start with ``held_out``."""
-    speeches = sample_speeches()
-    held = [name for name in speeches if name.startswith(held_out)]
-    if not held or len(held) == len(speeches):
-        raise SystemExit(f"--held-out {held_out!r} must match some but not all of {list(speeches)}.")
-    kept = [name for name in speeches if name not in held]
-    blocks = {name: text_blocks(tokenizer, text, block_size) for name, text in speeches.items()}
-    return torch.cat([blocks[n] for n in kept]), torch.cat([blocks[n] for n in held]), kept, held
 
 
 def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: torch.Tensor, args, seed: int,
@@ -210,7 +198,10 @@ def main() -> None:
     for param in teacher.parameters():
         param.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    train, evaluation, kept, held = year_split(tokenizer, args.held_out, args.block_size)
+    try:
+        train, evaluation, kept, held = address_split(tokenizer, args.held_out, args.block_size)
+    except ValueError as error:
+        raise SystemExit(f"--held-out: {error}") from error
     evaluation = evaluation[: args.eval_blocks or None]
     study = {name: str(getattr(args, name)) for name in STUDY_ARGUMENTS}
     path = args.out / "results.json"

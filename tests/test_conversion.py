@@ -157,3 +157,32 @@ def test_convert_mesa_cli_runs_every_stage_on_a_local_model(tmp_path, capsys):
     assert loaded.config.mesa_layers == [1] and (out / "finetune" / "tokenizer.json").exists()
     assert console_main(argv[:-4] + ["--lora-rank", "3", "--out", str(out), "--no-plot", "--quiet"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_convert_mesa_cli_holds_out_a_shipped_address(tmp_path, capsys):
+    """--held-out-address 1964: the teacher's recorded perplexity is HF's own loss on the 1964 address alone."""
+    from tint_hf.assets import load_gpt2_tokenizer, sample_speeches
+    from tint_hf.cli import console_main
+    from tint_hf.commands.demo import tiny_demo_model
+
+    tokenizer = load_gpt2_tokenizer()
+    teacher = tiny_demo_model(len(tokenizer)).eval()
+    teacher.save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    common = ["convert-mesa", "--model", str(tmp_path / "opt"), "--layers", "1", "--cg-steps", "4", "--stages",
+              "calibrate", "--block-size", "64", "--batch-size", "8", "--no-plot", "--quiet"]
+    assert console_main([*common, "--held-out-address", "1964", "--out", str(tmp_path / "mesa")]) == 0
+    record = json.loads((tmp_path / "mesa" / "stages.json").read_text())
+    text = sample_speeches()["1964_lyndon_b_johnson_d"]
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    held_out = ids[: ids.numel() // 64 * 64].view(-1, 64)
+    with torch.no_grad():  # every block has 63 targets, so the mean of the block means is the mean over tokens
+        expected = torch.stack([teacher(block[None], labels=block[None]).loss for block in held_out]).mean().exp()
+    assert record["teacher_perplexity"] == pytest.approx(float(expected), rel=1e-5)
+
+    assert console_main([*common, "--held-out-address", "1999", "--out", str(tmp_path / "x")]) == 2
+    assert "--held-out-address" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text(text)
+    assert console_main([*common, "--held-out-address", "1964", "--text-file", str(tmp_path / "t.txt"), "--out",
+                         str(tmp_path / "y")]) == 2
+    assert "--held-out-address" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 Stages (each saved to ``<out>/<stage>``, resumable): init, calibrate, transfer (attention transfer), finetune
 (LoRA + KL to the original). Text: ``--text-file`` (default: the shipped State of the Union sample), cut into blocks;
 the last ``--eval-fraction`` of it (the later years of the sample) is held out for the perplexity of each stage.
+``--held-out-address 1964`` instead trains on the shipped addresses of the other years and scores that one (the split
+of ``bench/mesa_conversion.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--text-file", type=Path, default=None, help="UTF-8 training text (default: shipped sample).")
     parser.add_argument("--eval-fraction", type=float, default=0.2, help="Held-out share, taken from the end.")
+    parser.add_argument("--held-out-address", default=None,
+                        help="Split the shipped sample by address instead: hold out the addresses whose heading "
+                             "starts with this (e.g. 1964), train on the others (not with --text-file).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="Output folder (one sub-folder per stage).")
     parser.add_argument("--no-plot", action="store_true", help="Skip losses.png (no matplotlib needed).")
@@ -57,12 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..conversion import ConversionSettings, convert
-    from ..evaluation import text_blocks
+    from ..evaluation import address_split, text_blocks
 
     if not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must lie in (0, 1), got {args.eval_fraction}.")
     if args.text_file is not None and not args.text_file.is_file():
         raise FileNotFoundError(f"--text-file {args.text_file} does not exist.")
+    if args.text_file is not None and args.held_out_address is not None:
+        raise ValueError("--held-out-address splits the shipped sample; it does not apply to --text-file (use "
+                         "--eval-fraction there).")
     if not args.no_plot:
         from .._optional import require
 
@@ -75,13 +83,20 @@ def run(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank,
         lora_target=args.lora_target, kl_weight=args.kl_weight, batch_size=args.batch_size, seed=args.seed)
     teacher, tokenizer = load_model(args)
-    text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
-    blocks = text_blocks(tokenizer, text, args.block_size)
-    held_out = max(1, int(round(args.eval_fraction * len(blocks))))
-    if held_out >= len(blocks):
-        raise ValueError(f"The text gives {len(blocks)} blocks of {args.block_size} tokens: too few to hold out "
-                         f"{held_out}; use a longer text or a smaller --block-size.")
-    convert(teacher, blocks[:-held_out], args.out, settings, eval_blocks=blocks[-held_out:], progress=not args.quiet)
+    if args.held_out_address is not None:
+        try:
+            train, held_out, _, _ = address_split(tokenizer, args.held_out_address, args.block_size)
+        except ValueError as error:
+            raise ValueError(f"--held-out-address: {error}") from error
+    else:
+        text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
+        blocks = text_blocks(tokenizer, text, args.block_size)
+        count = max(1, int(round(args.eval_fraction * len(blocks))))
+        if count >= len(blocks):
+            raise ValueError(f"The text gives {len(blocks)} blocks of {args.block_size} tokens: too few to hold out "
+                             f"{count}; use a longer text or a smaller --block-size.")
+        train, held_out = blocks[:-count], blocks[-count:]
+    convert(teacher, train, args.out, settings, eval_blocks=held_out, progress=not args.quiet)
     record = json.loads((args.out / "stages.json").read_text())
     for stage in record["stages"]:  # every stage folder loads with its tokenizer
         tokenizer.save_pretrained(args.out / stage)

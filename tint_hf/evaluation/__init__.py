@@ -12,7 +12,7 @@
 from .data import DataError, Example, load_examples, write_jsonl
 from .fewshot import FewShotConfig, FewShotEvaluator, ModeConfig, summarize_runs
 from .modes import Batch, DynamicSGD, PlainLM, TinTForward
-from .perplexity import block_perplexity, text_blocks
+from .perplexity import address_split, block_perplexity, text_blocks
 from .prompts import Context, PromptBuilder
 from .sampling import disjoint_subsets, sample_demonstrations
 from .scoring import calibrate, candidate_log_probs, classification_metrics
@@ -20,7 +20,8 @@ from .tasks import TASKS, HubSource, Task, Template, get_task, register_task, re
 
 __all__ = [
     "TASKS", "Batch", "Context", "DataError", "DynamicSGD", "Example", "FewShotConfig", "FewShotEvaluator",
-    "HubSource", "ModeConfig", "PlainLM", "PromptBuilder", "Task", "Template", "TinTForward", "block_perplexity",
-    "calibrate", "candidate_log_probs", "classification_metrics", "disjoint_subsets", "get_task", "load_examples",
-    "register_task", "register_template", "sample_demonstrations", "summarize_runs", "text_blocks", "write_jsonl",
+    "HubSource", "ModeConfig", "PlainLM", "PromptBuilder", "Task", "Template", "TinTForward", "address_split",
+    "block_perplexity", "calibrate", "candidate_log_probs", "classification_metrics", "disjoint_subsets", "get_task",
+    "load_examples", "register_task", "register_template", "sample_demonstrations", "summarize_runs", "text_blocks",
+    "write_jsonl",
 ]

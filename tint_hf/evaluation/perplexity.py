@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..assets import sample_speeches
 from ..simulate import build_target_masks, next_token_nll
 from .modes import Batch
 from .scoring import Mode
@@ -33,6 +34,22 @@ def text_blocks(tokenizer: PreTrainedTokenizerBase, text: str, block_size: int,
         raise ValueError(f"The text has {ids.numel()} tokens, fewer than one block of {block_size}; use a smaller "
                          f"--block-size or a longer corpus.")
     return ids[: n * block_size].view(n, block_size)
+
+
+def address_split(tokenizer: PreTrainedTokenizerBase, held_out: str, block_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """Split the shipped State of the Union sample by address: blocks of the addresses whose heading starts with
+    ``held_out`` (e.g. ``"1964"``) are held out, the others train. Each address is cut into ``block_size`` blocks on
+    its own (no block spans two addresses). Returns (train (N, block_size), held-out (M, block_size), train
+    headings, held-out headings)."""
+    speeches = sample_speeches()
+    held = [name for name in speeches if name.startswith(held_out)]
+    if not held or len(held) == len(speeches):
+        raise ValueError(f"held-out address prefix {held_out!r} must match some but not all of the shipped "
+                         f"addresses {list(speeches)}; e.g. '1964'.")
+    kept = [name for name in speeches if name not in held]
+    blocks = {name: text_blocks(tokenizer, text, block_size) for name, text in speeches.items()}
+    return torch.cat([blocks[n] for n in kept]), torch.cat([blocks[n] for n in held]), kept, held
 
 
 def train_mask_for(blocks: torch.Tensor, train_fraction: float) -> torch.Tensor:
