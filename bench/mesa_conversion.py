@@ -18,9 +18,11 @@ not start with --held-out (default 1961 and 1962, Kennedy) and is scored on thos
 * ``original``: the original model fine-tuned the same way with its attention intact: what the fine-tuning gains
   from the training text alone (the held-out addresses share its domain).
 
-Held-out perplexity after each stage and next-token NLL by position band of each final model (does it use context
-beyond 64 tokens?). results.json is rewritten after every run and a rerun skips the runs it holds, so an interrupted
-study continues; results.md holds mean +- std over seeds, nll_by_position.png the NLL by position.
+Held-out perplexity after each stage and next-token NLL by position band of each final model, and whether it uses
+context more than 64 tokens back: at 32 positions past 128 in every held-out block, the NLL with only the last 64
+tokens visible minus the NLL with the whole block ("gain from > 64 back"; zero for a model that cannot look further).
+results.json is rewritten after every run and a rerun skips the runs it holds, so an interrupted study continues;
+results.md holds mean +- std over seeds, nll_by_position.png the NLL by position.
 """
 
 from __future__ import annotations
@@ -64,6 +66,28 @@ def nll_by_position(model, blocks: torch.Tensor, batch_size: int) -> torch.Tenso
     return total / len(blocks)
 
 
+WINDOW = 64  # context_gain: how many tokens of context the windowed prediction sees
+GAIN_TARGETS = range(128, 255, 4)  # ... at these positions t (predicting token t + 1): 32 per block, all past 128
+
+
+@torch.no_grad()
+def context_gain(model, blocks: torch.Tensor, nll: torch.Tensor) -> dict:
+    """What context more than WINDOW tokens back is worth to ``model``: at positions ``GAIN_TARGETS`` of every block
+    (N, T), the mean next-token NLL when only the last WINDOW tokens are visible (each target re-scored on its own
+    window) minus the NLL with the whole block (``nll``, (T - 1,) from :func:`nll_by_position`, same targets)."""
+    targets = torch.tensor(list(GAIN_TARGETS))
+    # (P, WINDOW + 1) per block: tokens t - WINDOW + 1 .. t + 1, so the logits at -2 predict token t + 1
+    index = targets[:, None] + torch.arange(-WINDOW + 1, 2)[None]
+    total = 0.0
+    for block in blocks:
+        windows = block[index]
+        logits = model(windows).logits[:, -2].float()
+        total += F.cross_entropy(logits, windows[:, -1], reduction="sum").item()
+    windowed = total / (len(blocks) * len(targets))
+    full = float(nll[targets].mean())
+    return {"window": WINDOW, "windowed": windowed, "full": full, "gain": windowed - full}
+
+
 def zeroed_attention(model, layers):
     """Forward hooks that set the chosen layers' attention output to zero (the removed-attention control)."""
     return [decoder_layers(model)[i].self_attn.register_forward_hook(
@@ -104,7 +128,8 @@ def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: tor
     control, _ = finetune(control, teacher, train, args.transfer_steps + args.finetune_steps, 5e-4,
                           batch_size=args.batch_size, seed=seed, progress=False, layers=layers, target="mlp")
     record["finetune"] = perplexity(control, evaluation, args.batch_size)
-    return {"perplexity": record, "nll": nll_by_position(control, evaluation, args.batch_size)}
+    nll = nll_by_position(control, evaluation, args.batch_size)
+    return {"perplexity": record, "nll": nll, "context": context_gain(control, evaluation, nll)}
 
 
 def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, seed: int, folder: Path) -> dict:
@@ -114,8 +139,9 @@ def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, see
                                   batch_size=args.batch_size, seed=seed, lora_target=target or "attention")
     student = convert(teacher, train, folder, settings, eval_blocks=evaluation, progress=False)
     record = json.loads((folder / "stages.json").read_text())
-    return {"perplexity": {stage: facts["perplexity"] for stage, facts in record["stages"].items()},
-            "nll": nll_by_position(student, evaluation, args.batch_size)}
+    nll = nll_by_position(student, evaluation, args.batch_size)
+    return {"perplexity": {stage: facts["perplexity"] for stage, facts in record["stages"].items()}, "nll": nll,
+            "context": context_gain(student, evaluation, nll)}
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -132,10 +158,11 @@ def report(result: dict, out: Path) -> None:
     for layers, reference in result["references"].items():
         lines += [f"Layers {layers}:", "",
                   "| model | seeds | init | calibrate | transfer | finetune | NLL 1-16 | 17-64 | 65-128 | 129-end | "
-                  "minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"gain from > {WINDOW} back | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, facts in reference.items():
             lines.append(f"| {name} | | {facts['perplexity']:.2f} | | | | "
-                         + " | ".join(f"{v:.3f}" for v in facts["bands"].values()) + " | |")
+                         + " | ".join(f"{v:.3f}" for v in facts["bands"].values())
+                         + f" | {facts['context']['gain']:.3f} | |")
         for kind in KINDS:
             runs = [r for r in result["runs"] if r["layers"] == layers and r["run"] == kind]
             if not runs:
@@ -144,6 +171,8 @@ def report(result: dict, out: Path) -> None:
             cells = [mean_std([r["perplexity"][s] for r in runs if s in r["perplexity"]], 2)
                      for s in ("init", "calibrate", "transfer", "finetune")]
             cells += [mean_std([r["bands"][b] for r in runs], 3) for b in runs[0]["bands"]]
+            gains = [r["context"]["gain"] for r in runs if "context" in r]
+            cells.append(mean_std(gains, 3) + (f" ({len(gains)} seeds)" if 0 < len(gains) < len(runs) else ""))
             lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells)
                          + f" | {statistics.mean(r['seconds'] for r in runs) / 60:.1f} |")
         lines.append("")
@@ -217,16 +246,18 @@ def main() -> None:
 
     for layers in map(layer_set, args.layers):
         key = layer_key(layers)
-        if key not in result["references"]:
-            teacher_nll = nll_by_position(teacher, evaluation, args.batch_size)
-            handles = zeroed_attention(teacher, layers)
-            zero_nll = nll_by_position(teacher, evaluation, args.batch_size)
+        if all("context" in facts for facts in result["references"].get(key, {None: {}}).values()):
+            continue
+        references = {}
+        for name, zero in (("teacher", False), ("attention zeroed, untrained", True)):
+            handles = zeroed_attention(teacher, layers) if zero else []
+            nll = nll_by_position(teacher, evaluation, args.batch_size)
+            references[name] = {"perplexity": float(nll.mean().exp()), "bands": bands(nll), "nll": nll.tolist(),
+                                "context": context_gain(teacher, evaluation, nll)}
             for handle in handles:
                 handle.remove()
-            result["references"][key] = {
-                name: {"perplexity": float(nll.mean().exp()), "bands": bands(nll), "nll": nll.tolist()}
-                for name, nll in (("teacher", teacher_nll), ("attention zeroed, untrained", zero_nll))}
-            save()
+        result["references"][key] = references
+        save()
     for seed in args.seeds:
         for layers in map(layer_set, args.layers):
             key = layer_key(layers)
