@@ -160,9 +160,9 @@ def report(result: dict, out: Path) -> None:
                   "| model | seeds | init | calibrate | transfer | finetune | NLL 1-16 | 17-64 | 65-128 | 129-end | "
                   f"gain from > {WINDOW} back | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, facts in reference.items():
+            gain = f"{facts['context']['gain']:.3f}" if "context" in facts else ""
             lines.append(f"| {name} | | {facts['perplexity']:.2f} | | | | "
-                         + " | ".join(f"{v:.3f}" for v in facts["bands"].values())
-                         + f" | {facts['context']['gain']:.3f} | |")
+                         + " | ".join(f"{v:.3f}" for v in facts["bands"].values()) + f" | {gain} | |")
         for kind in KINDS:
             runs = [r for r in result["runs"] if r["layers"] == layers and r["run"] == kind]
             if not runs:
