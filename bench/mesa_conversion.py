@@ -152,6 +152,27 @@ def mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+COMPARISONS = (("cg", "gd"), ("cg", "zero"), ("exact", "cg"))  # (run, against): paired by seed in the report
+
+
+def paired_differences(runs: list[dict], layers: str) -> list[str]:
+    """One line per pair of ``COMPARISONS``: the final perplexity and context gain of ``run`` minus ``against``,
+    seed by seed (same batches), mean +- std over the seeds both have."""
+    lines = []
+    for kind, against in COMPARISONS:
+        pairs = [(a, b) for a in runs for b in runs if a["layers"] == b["layers"] == layers and a["seed"] == b["seed"]
+                 and a["run"] == kind and b["run"] == against]
+        if not pairs:
+            continue
+        ppl = [a["perplexity"]["finetune"] - b["perplexity"]["finetune"] for a, b in pairs]
+        gain = [a["context"]["gain"] - b["context"]["gain"] for a, b in pairs if "context" in a and "context" in b]
+        line = f"* {LABELS[kind]} minus {LABELS[against]}, paired by seed: final perplexity {mean_std(ppl, 2)}"
+        if gain:
+            line += f" ({len(ppl)}), gain from > {WINDOW} back {mean_std(gain, 3)} ({len(gain)})"
+        lines.append(line + (" seeds" if gain else f" ({len(ppl)} seeds)"))
+    return lines
+
+
 def report(result: dict, out: Path) -> None:
     """results.md (mean +- std over seeds per layer set and run) and nll_by_position.png."""
     lines = []
@@ -175,7 +196,7 @@ def report(result: dict, out: Path) -> None:
             cells.append(mean_std(gains, 3) + (f" ({len(gains)} seeds)" if 0 < len(gains) < len(runs) else ""))
             lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells)
                          + f" | {statistics.mean(r['seconds'] for r in runs) / 60:.1f} |")
-        lines.append("")
+        lines += ["", *paired_differences(result["runs"], layers), ""]
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
     try:
