@@ -166,10 +166,11 @@ def paired_differences(runs: list[dict], layers: str) -> list[str]:
             continue
         ppl = [a["perplexity"]["finetune"] - b["perplexity"]["finetune"] for a, b in pairs]
         gain = [a["context"]["gain"] - b["context"]["gain"] for a, b in pairs if "context" in a and "context" in b]
-        line = f"* {LABELS[kind]} minus {LABELS[against]}, paired by seed: final perplexity {mean_std(ppl, 2)}"
+        line = f"* {LABELS[kind]} minus {LABELS[against]}, paired by seed: final perplexity {mean_std(ppl, 2)} " \
+               f"({len(ppl)} seeds)"
         if gain:
-            line += f" ({len(ppl)}), gain from > {WINDOW} back {mean_std(gain, 3)} ({len(gain)})"
-        lines.append(line + (" seeds" if gain else f" ({len(ppl)} seeds)"))
+            line += f", gain from > {WINDOW} back {mean_std(gain, 3)} ({len(gain)} seeds)"
+        lines.append(line)
     return lines
 
 
