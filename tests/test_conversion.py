@@ -113,16 +113,24 @@ def test_convert_saves_each_stage_resumes_and_refuses_other_settings(family, tmp
     again = convert(teacher, blocks(), out, settings, progress=False)
     redone = json.loads((out / "stages.json").read_text())
     assert redone["stages"]["transfer"] == record["stages"]["transfer"] and "finetune" in redone["stages"]
+    # ... and ends where the uninterrupted run ended: the LoRA initialisation drew the same random numbers
+    ids = blocks(2, 6, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="other settings"):
         convert(teacher, blocks(), out, ConversionSettings(mesa_layers=[0]), progress=False)
     # the final checkpoint loads as a mesa model and generates the same with and without its cache
     loaded = AutoModelForCausalLM.from_pretrained(out / "finetune")
-    ids = blocks(2, 6, seed=3)
-    torch.testing.assert_close(loaded(ids).logits, again(ids).logits)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     kwargs = dict(max_new_tokens=4, do_sample=False)
     assert torch.equal(loaded.generate(ids, **kwargs), loaded.generate(ids, use_cache=False, **kwargs))
     expected = {"opt": "MesaOPTForCausalLM", "llama": "MesaLlamaForCausalLM"}[family]
     assert type(model).__name__ == type(loaded).__name__ == expected
+    # a stage folder written before the random state was saved resumes with a warning that it cannot match
+    (out / "transfer" / "rng_state.pt").unlink()
+    (out / "stages.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="rng_state.pt"):
+        convert(teacher, blocks(), out, settings, progress=False)
 
 
 def test_bad_conversion_requests_are_refused():

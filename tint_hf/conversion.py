@@ -12,14 +12,15 @@ its own objective against the frozen original (the teacher).
    merged at the end.
 
 :func:`convert` runs the stages into a folder, one sub-folder per finished stage (a loadable checkpoint) plus
-``stages.json`` (settings and loss curves); rerunning continues after the last finished stage and refuses to mix
-stages made with other settings.
+``stages.json`` (settings and loss curves); rerunning continues after the last finished stage (with the random state
+saved there, so that it ends where an uninterrupted run would) and refuses to mix stages made with other settings.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +36,7 @@ from .models.mesa_llama.mesa_attention import MESA_PARAMETERS
 from .models.mesa_opt import MesaOPTForCausalLM
 
 STAGES = ("calibrate", "transfer", "finetune")
+RNG_STATE = "rng_state.pt"  # torch's CPU random state after a stage, saved in its folder so that a resumed run matches
 # LoRA targets of the fine-tuning stage, as regexes below `layers.<i>.` (OPT and Llama-family names)
 LORA_TARGETS = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj|o_proj)",
                 "mlp": r"(mlp\.)?(fc1|fc2|gate_proj|up_proj|down_proj)"}
@@ -303,8 +305,9 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
     """Run ``settings.stages`` after the initialisation, saving each finished stage to ``out_dir/<stage>`` and its
     record (settings, losses, held-out perplexity when ``eval_blocks`` is given) to ``out_dir/stages.json``.
 
-    Resumable: a rerun with the same settings loads the last finished stage and runs only the rest; a folder made
-    with other settings is refused rather than mixed or overwritten.
+    Resumable: a rerun with the same settings loads the last finished stage and torch's random state saved with it
+    (``RNG_STATE``) and runs only the rest, ending with the same weights as an uninterrupted run; a folder made with
+    other settings is refused rather than mixed or overwritten.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -323,9 +326,11 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
         param.requires_grad_(False)
 
     def save(name: str, model: PreTrainedModel, **facts) -> None:
+        rng_state = torch.get_rng_state()  # as the next stage finds it (the perplexity draws no random numbers)
         if eval_blocks is not None:
             facts["perplexity"] = perplexity(model, eval_blocks, settings.batch_size)
         model.save_pretrained(out_dir / name)
+        torch.save(rng_state, out_dir / name / RNG_STATE)
         record["stages"][name] = facts
         record_path.write_text(json.dumps(record, indent=1) + "\n")
 
@@ -333,6 +338,12 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
     finished = [s for s in ("init",) + settings.stages if s in record["stages"]]
     if finished:
         student = AutoModelForCausalLM.from_pretrained(out_dir / finished[-1], dtype=teacher.dtype).eval()
+        # the random numbers continue where the uninterrupted run's would (the LoRA initialisation draws from them)
+        if (out_dir / finished[-1] / RNG_STATE).exists():
+            torch.set_rng_state(torch.load(out_dir / finished[-1] / RNG_STATE))
+        elif any(stage not in record["stages"] for stage in settings.stages):
+            warnings.warn(f"{out_dir / finished[-1]} has no {RNG_STATE} (written before tint_hf saved it): the "
+                          "remaining stages draw other random numbers than an uninterrupted run would.", stacklevel=2)
     else:
         student = init_student(teacher, settings.mesa_layers, **settings.mesa)
         if eval_blocks is not None:
