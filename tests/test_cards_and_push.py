@@ -15,10 +15,10 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_opt
+from conftest import tiny_gpt2, tiny_llama, tiny_opt
 from huggingface_hub import ModelCard, metadata_load
 
-from tint_hf import MesaOPTForCausalLM, TinTForCausalLM, cards
+from tint_hf import MesaLlamaForCausalLM, MesaOPTForCausalLM, TinTForCausalLM, cards
 from tint_hf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,17 @@ def test_quoted_smollm2_perplexities_are_those_of_bench_results():
         assert [float(lr), before, after] == [float(row[1]), row[2], row[3]]
 
 
+def test_quoted_conversion_perplexities_are_those_of_bench_results():
+    text = (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8").split("## Mesa conversion of a real")[1]
+    table = text.split("\n## ")[0].split("Layers 26-29:")[1].strip().split("\n\n")[0]
+    header, _, *rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
+    cells = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    quoted = cards.CARDS["mesa-smollm2-135m"].conversion_result
+    assert len(quoted) >= 5
+    for model, column, value in quoted:
+        assert cells[model][column] == value, (model, column)
+
+
 def test_cited_tests_exist():
     sources = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
     for spec in cards.CARDS.values():
@@ -107,6 +118,11 @@ def tiny_checkpoint(kind: str, folder: Path, gpt2_tokenizer) -> tuple[torch.nn.M
         model = TinTForCausalLM.from_auxiliary(aux, num_prefixes=8, inner_lr=0.05)
         spec = dataclasses.replace(cards.CARDS["tint-gpt2"], name="tint-tiny", base_shapes=aux.config,
                                    construction=dict(num_prefixes=8, inner_lr=0.05, backward="fd"))
+    elif kind == "mesa_llama":
+        llama = tiny_llama(dtype=torch.float32)
+        model = MesaLlamaForCausalLM.from_llama(llama, mesa_layers=[1], mesa_solver="cg", cg_steps=16)
+        spec = dataclasses.replace(cards.CARDS["mesa-smollm2-135m"], name="mesa-llama-tiny", base_shapes=llama.config,
+                                   construction=dict(mesa_layers=[1], mesa_solver="cg", cg_steps=16))
     else:
         opt = tiny_opt(dtype=torch.float32)
         model = MesaOPTForCausalLM.from_opt(opt, mesa_layers=[0], mesa_solver="cg", cg_steps=30)
@@ -131,7 +147,7 @@ print(json.dumps({"module": type(model).__module__, "vocab": len(tokenizer)}))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["tint", "mesa"])
+@pytest.mark.parametrize("kind", ["tint", "mesa", "mesa_llama"])
 def test_push_stages_code_tokenizer_and_card_loads_in_a_fresh_process_and_uploads(tmp_path, kind, gpt2_tokenizer):
     model, spec = tiny_checkpoint(kind, tmp_path / "ckpt", gpt2_tokenizer)
     staged = tmp_path / "staged"
@@ -148,7 +164,8 @@ def test_push_stages_code_tokenizer_and_card_loads_in_a_fresh_process_and_upload
 
     files = {p.name for p in staged.iterdir()}
     code = {"tint": {"configuration_tint.py", "modeling_tint.py"},
-            "mesa": {"configuration_mesa_opt.py", "modeling_mesa_opt.py", "mesa_op.py"}}[kind]
+            "mesa": {"configuration_mesa_opt.py", "modeling_mesa_opt.py", "mesa_op.py"},
+            "mesa_llama": {"configuration_mesa_llama.py", "modeling_mesa_llama.py", "mesa_op.py"}}[kind]
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} | code <= files
     assert set(json.loads((staged / "config.json").read_text())["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     assert (staged / "README.md").read_text(encoding="utf-8").strip() == expected_card.strip()
