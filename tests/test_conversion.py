@@ -194,3 +194,6 @@ def test_convert_mesa_cli_holds_out_a_shipped_address(tmp_path, capsys):
     assert console_main([*common, "--held-out-address", "1964", "--text-file", str(tmp_path / "t.txt"), "--out",
                          str(tmp_path / "y")]) == 2
     assert "--held-out-address" in capsys.readouterr().err
+    assert console_main([*common, "--held-out-address", "1964", "--eval-fraction", "0.3", "--out",
+                         str(tmp_path / "z")]) == 2
+    assert "--eval-fraction" in capsys.readouterr().err

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--text-file", type=Path, default=None, help="UTF-8 training text (default: shipped sample).")
-    parser.add_argument("--eval-fraction", type=float, default=0.2, help="Held-out share, taken from the end.")
+    parser.add_argument("--eval-fraction", type=float, default=None,
+                        help="Held-out share, taken from the end (default 0.2; not with --held-out-address).")
     parser.add_argument("--held-out-address", default=None,
                         help="Split the shipped sample by address instead: hold out the addresses whose heading "
                              "starts with this (e.g. 1964), train on the others (not with --text-file).")
@@ -64,13 +65,13 @@ def run(args: argparse.Namespace) -> int:
     from ..conversion import ConversionSettings, convert
     from ..evaluation import address_split, text_blocks
 
-    if not 0 < args.eval_fraction < 1:
+    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must lie in (0, 1), got {args.eval_fraction}.")
     if args.text_file is not None and not args.text_file.is_file():
         raise FileNotFoundError(f"--text-file {args.text_file} does not exist.")
-    if args.text_file is not None and args.held_out_address is not None:
-        raise ValueError("--held-out-address splits the shipped sample; it does not apply to --text-file (use "
-                         "--eval-fraction there).")
+    if args.held_out_address is not None and (args.text_file is not None or args.eval_fraction is not None):
+        raise ValueError("--held-out-address splits the shipped sample by address; it does not go with --text-file "
+                         "or --eval-fraction (drop one or the other).")
     if not args.no_plot:
         from .._optional import require
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
         blocks = text_blocks(tokenizer, text, args.block_size)
-        count = max(1, int(round(args.eval_fraction * len(blocks))))
+        count = max(1, int(round((args.eval_fraction or 0.2) * len(blocks))))
         if count >= len(blocks):
             raise ValueError(f"The text gives {len(blocks)} blocks of {args.block_size} tokens: too few to hold out "
                              f"{count}; use a longer text or a smaller --block-size.")
