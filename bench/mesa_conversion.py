@@ -88,6 +88,12 @@ def context_gain(model, blocks: torch.Tensor, nll: torch.Tensor) -> dict:
     return {"window": WINDOW, "windowed": windowed, "full": full, "gain": windowed - full}
 
 
+def final_scores(model, blocks: torch.Tensor, batch_size: int) -> dict:
+    """``nll`` by position (:func:`nll_by_position`) and ``context`` (:func:`context_gain`) of a model on ``blocks``."""
+    nll = nll_by_position(model, blocks, batch_size)
+    return {"nll": nll, "context": context_gain(model, blocks, nll)}
+
+
 def zeroed_attention(model, layers):
     """Forward hooks that set the chosen layers' attention output to zero (the removed-attention control)."""
     return [decoder_layers(model)[i].self_attn.register_forward_hook(
@@ -128,8 +134,7 @@ def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: tor
     control, _ = finetune(control, teacher, train, args.transfer_steps + args.finetune_steps, 5e-4,
                           batch_size=args.batch_size, seed=seed, progress=False, layers=layers, target="mlp")
     record["finetune"] = perplexity(control, evaluation, args.batch_size)
-    nll = nll_by_position(control, evaluation, args.batch_size)
-    return {"perplexity": record, "nll": nll, "context": context_gain(control, evaluation, nll)}
+    return {"perplexity": record, **final_scores(control, evaluation, args.batch_size)}
 
 
 def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, seed: int, folder: Path) -> dict:
@@ -139,9 +144,8 @@ def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, see
                                   batch_size=args.batch_size, seed=seed, lora_target=target or "attention")
     student = convert(teacher, train, folder, settings, eval_blocks=evaluation, progress=False)
     record = json.loads((folder / "stages.json").read_text())
-    nll = nll_by_position(student, evaluation, args.batch_size)
-    return {"perplexity": {stage: facts["perplexity"] for stage, facts in record["stages"].items()}, "nll": nll,
-            "context": context_gain(student, evaluation, nll)}
+    return {"perplexity": {stage: facts["perplexity"] for stage, facts in record["stages"].items()},
+            **final_scores(student, evaluation, args.batch_size)}
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -268,14 +272,16 @@ def main() -> None:
 
     for layers in map(layer_set, args.layers):
         key = layer_key(layers)
-        if all("context" in facts for facts in result["references"].get(key, {None: {}}).values()):
+        known = result["references"].get(key)
+        if known and all("context" in facts for facts in known.values()):  # older studies lack the context gain
             continue
         references = {}
         for name, zero in (("teacher", False), ("attention zeroed, untrained", True)):
             handles = zeroed_attention(teacher, layers) if zero else []
-            nll = nll_by_position(teacher, evaluation, args.batch_size)
+            scores = final_scores(teacher, evaluation, args.batch_size)
+            nll = scores["nll"]
             references[name] = {"perplexity": float(nll.mean().exp()), "bands": bands(nll), "nll": nll.tolist(),
-                                "context": context_gain(teacher, evaluation, nll)}
+                                "context": scores["context"]}
             for handle in handles:
                 handle.remove()
         result["references"][key] = references
