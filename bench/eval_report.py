@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from tint_hf.evaluation import get_task, summarize_runs
-from tint_hf.evaluation.fewshot import CellStore
 from tint_hf.evaluation.report import markdown_table, plot_accuracy
+from tint_hf.runstore import RunStore
 
 
 def paper_table(summary: list[dict]) -> str:
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    runs = [run for cell in CellStore(args.out / "cells.jsonl").cells.values() for run in cell["runs"]]
+    runs = [run for cell in RunStore(args.out, "cells.jsonl").records.values() for run in cell["runs"]]
     summary = summarize_runs(runs, {r["task"]: get_task(r["task"]).num_classes for r in runs})
     print(markdown_table(summary))
     print(paper_table(summary))

@@ -21,7 +21,9 @@ not start with --held-out (default 1961 and 1962, Kennedy) and is scored on thos
 Held-out perplexity after each stage and next-token NLL by position band of each final model, and whether it uses
 context more than 64 tokens back: at 32 positions past 128 in every held-out block, the NLL with only the last 64
 tokens visible minus the NLL with the whole block ("gain from > 64 back"; zero for a model that cannot look further).
-results.json is rewritten after every run and a rerun skips the runs it holds, so an interrupted study continues;
+Every finished run is a record of the run store in --out (records.jsonl, run.json: :mod:`tint_hf.runstore`), so an
+interrupted study continues and a rerun with other study settings, another model or other text is refused;
+results.json (rewritten after every run) collects them,
 results.md holds mean +- std over seeds, nll_by_position.png the NLL by position.
 """
 
@@ -45,6 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tint_hf.conversion import ConversionSettings, convert, decoder_layers, finetune, perplexity  # noqa: E402
 from tint_hf.evaluation import address_split  # noqa: E402
+from tint_hf.runstore import RunStore, fingerprint_model, fingerprint_tensors, versions  # noqa: E402
 
 SOLVERS = ("cg", "gd", "exact")
 KINDS = (*SOLVERS, *(f"{solver}-mlp" for solver in SOLVERS), "zero", "original")
@@ -248,6 +251,9 @@ def main() -> None:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each run's stage checkpoints (0.5 GB each for SmolLM2; default: only stages.json)")
     args = parser.parse_args()
+    if args.block_size <= GAIN_TARGETS[-1] + 1:
+        parser.error(f"--block-size {args.block_size}: the context gain scores positions up to {GAIN_TARGETS[-1]}; "
+                     f"use at least {GAIN_TARGETS[-1] + 2}.")
 
     teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     for param in teacher.parameters():
@@ -258,22 +264,27 @@ def main() -> None:
     except ValueError as error:
         raise SystemExit(f"--held-out: {error}") from error
     evaluation = evaluation[: args.eval_blocks or None]
-    study = {name: str(getattr(args, name)) for name in STUDY_ARGUMENTS}
-    path = args.out / "results.json"
-    result = json.loads(path.read_text()) if path.exists() else {
-        "study": study, "train": kept, "held_out": held, "train_tokens": train.numel(),
-        "eval_tokens": evaluation.numel(), "references": {}, "runs": []}
-    if result["study"] != study:
-        raise SystemExit(f"{path} was made with other settings {result['study']}; use another --out.")
-    args.out.mkdir(parents=True, exist_ok=True)
+    store = RunStore(args.out, "records.jsonl", fresh_start="use another --out")
+    store.check_settings({name: getattr(args, name) for name in STUDY_ARGUMENTS})
+    store.check_provenance("versions", versions())
+    store.check_provenance("teacher", fingerprint_model(teacher))
+    store.check_provenance("blocks", fingerprint_tensors([("train", train), ("eval", evaluation)]))
+    facts = {"study": {name: str(getattr(args, name)) for name in STUDY_ARGUMENTS}, "train": kept, "held_out": held,
+             "train_tokens": train.numel(), "eval_tokens": evaluation.numel()}
 
-    def save() -> None:
-        path.write_text(json.dumps(result, indent=1) + "\n")
+    def results() -> dict:
+        """results.json: the study's facts, the references per layer set and every finished run."""
+        records = store.records.values()
+        return {**facts, "references": {r["layers"]: r["references"] for r in records if r["key"].startswith("ref|")},
+                "runs": [{k: v for k, v in r.items() if k != "key"} for r in records if r["key"].startswith("run|")]}
+
+    def put(key: str, record: dict) -> None:
+        store.put(key, record)
+        (args.out / "results.json").write_text(json.dumps(results(), indent=1) + "\n")
 
     for layers in map(layer_set, args.layers):
         key = layer_key(layers)
-        known = result["references"].get(key)
-        if known and all("context" in facts for facts in known.values()):  # older studies lack the context gain
+        if f"ref|{key}" in store:
             continue
         references = {}
         for name, zero in (("teacher", False), ("attention zeroed, untrained", True)):
@@ -284,19 +295,18 @@ def main() -> None:
                                 "context": scores["context"]}
             for handle in handles:
                 handle.remove()
-        result["references"][key] = references
-        save()
+        put(f"ref|{key}", {"layers": key, "references": references})
     for seed in args.seeds:
         for layers in map(layer_set, args.layers):
             key = layer_key(layers)
             for kind in args.runs:
-                if any(r["layers"] == key and r["run"] == kind and r["seed"] == seed for r in result["runs"]):
+                if f"run|{key}|{kind}|{seed}" in store:
                     continue
                 start = time.perf_counter()
                 if kind in ("zero", "original"):
                     reference = "attention zeroed, untrained" if kind == "zero" else "teacher"
                     run = run_control(teacher, layers, train, evaluation, args, seed, zero=kind == "zero",
-                                      initial=result["references"][key][reference]["perplexity"])
+                                      initial=store.get(f"ref|{key}")["references"][reference]["perplexity"])
                 else:
                     folder = args.out / f"L{key}-{kind}-seed{seed}"
                     run = run_mesa(teacher, layers, train, evaluation, args, kind, seed, folder)
@@ -307,10 +317,10 @@ def main() -> None:
                 nll = run.pop("nll")
                 run.update(layers=key, run=kind, seed=seed, seconds=time.perf_counter() - start, bands=bands(nll),
                            nll=nll.tolist())
-                result["runs"].append(run)
-                save()
+                put(f"run|{key}|{kind}|{seed}", run)
                 print(key, kind, seed, {k: round(v, 2) for k, v in run["perplexity"].items()},
                       f"{run['seconds']:.0f} s", flush=True)
+    result = results()
     report(result, args.out)
 
 

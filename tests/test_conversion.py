@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from tint_hf.conversion import (
     transfer_loss,
 )
 from tint_hf.conversion import _Recorder as Recorder
+from tint_hf.runstore import RunStoreError
 
 TEACHERS = {"opt": lambda: tiny_opt(dtype=torch.float32), "llama": lambda: tiny_llama(dtype=torch.float32)}
 
@@ -107,10 +109,10 @@ def test_convert_saves_each_stage_resumes_and_refuses_other_settings(family, tmp
     assert list(record["stages"]) == ["init", "calibrate", "transfer", "finetune"]
     assert all("perplexity" in facts for facts in record["stages"].values()) and "teacher_perplexity" in record
     # an interrupted run: the last stage is missing; the rerun redoes only that one
-    # (a folder written before `lora_target` existed holds its default and resumes as well)
-    del record["stages"]["finetune"], record["settings"]["lora_target"]
-    (out / "stages.json").write_text(json.dumps(record))
-    again = convert(teacher, blocks(), out, settings, progress=False)
+    lines = (out / "stages.jsonl").read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["teacher", "init", "calibrate", "transfer", "finetune"]
+    (out / "stages.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    again = convert(teacher, blocks(), out, settings, eval_blocks=blocks(4, seed=2), progress=False)
     redone = json.loads((out / "stages.json").read_text())
     assert redone["stages"]["transfer"] == record["stages"]["transfer"] and "finetune" in redone["stages"]
     # ... and ends where the uninterrupted run ended: the LoRA initialisation drew the same random numbers
@@ -126,11 +128,72 @@ def test_convert_saves_each_stage_resumes_and_refuses_other_settings(family, tmp
     assert torch.equal(loaded.generate(ids, **kwargs), loaded.generate(ids, use_cache=False, **kwargs))
     expected = {"opt": "MesaOPTForCausalLM", "llama": "MesaLlamaForCausalLM"}[family]
     assert type(model).__name__ == type(loaded).__name__ == expected
-    # a stage folder written before the random state was saved resumes with a warning that it cannot match
-    (out / "transfer" / "rng_state.pt").unlink()
-    (out / "stages.json").write_text(json.dumps(record))
-    with pytest.warns(UserWarning, match="rng_state.pt"):
-        convert(teacher, blocks(), out, settings, progress=False)
+
+
+@pytest.mark.parametrize("change", ["teacher", "dtype", "train", "eval", "no eval"])
+def test_a_resumed_conversion_refuses_other_inputs(change, tmp_path):
+    """Resuming with another teacher (weights or dtype) or other training / held-out blocks would train later stages
+    against other inputs and list perplexities of different held-out sets side by side: refused, naming the input."""
+    settings = ConversionSettings(mesa_layers=[1], stages=("calibrate",), lora_rank=2)
+    out = tmp_path / "conv"
+    convert(tiny_opt(), blocks(), out, settings, eval_blocks=blocks(4, seed=2), progress=False)
+    (out / "stages.jsonl").write_text("\n".join((out / "stages.jsonl").read_text().splitlines()[:2]) + "\n")
+    teacher, train, held_out = tiny_opt(), blocks(), blocks(4, seed=2)
+    name = {"teacher": "teacher", "dtype": "teacher", "train": "train_blocks", "eval": "eval_blocks",
+            "no eval": "eval_blocks"}[change]
+    if change == "teacher":
+        teacher = tiny_opt(seed=5)
+    elif change == "dtype":
+        teacher = teacher.float()
+    elif change == "train":
+        train = blocks(seed=7)
+    elif change == "eval":
+        held_out = blocks(4, seed=8)
+    else:
+        held_out = None
+    with pytest.raises(RunStoreError, match=rf"computed from another {name} .*delete"):
+        convert(teacher, train, out, settings, eval_blocks=held_out, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["missing folder", "cut weights", "cut rng", "cut line", "stages.json only"])
+def test_damaged_conversion_folders_are_named(damage, tmp_path):
+    settings = ConversionSettings(mesa_layers=[1], stages=("calibrate",), lora_rank=2)
+    out = tmp_path / "conv"
+    first = convert(tiny_opt(), blocks(), out, settings, progress=False)
+    records = out / "stages.jsonl"
+    lines = records.read_text().splitlines()
+    records.write_text(lines[0] + "\n")  # init finished, calibrate to redo
+    if damage == "missing folder":
+        shutil.rmtree(out / "init")
+        expected = r"no checkpoint in .*init.*delete its line in .*stages.jsonl"
+    elif damage == "cut weights":
+        weights = out / "init" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        expected = r"checkpoint of the finished stage 'init' .* does not load"
+    elif damage == "cut rng":
+        (out / "init" / "rng_state.pt").write_bytes(b"\x00\x01")
+        expected = r"rng_state.pt is missing or damaged"
+    elif damage == "cut line":  # a kill during the write of calibrate's line: dropped and redone
+        records.write_text(lines[0] + "\n" + lines[1][:10])
+        with pytest.warns(UserWarning, match="cut short"):
+            again = convert(tiny_opt(), blocks(), out, settings, progress=False)
+        ids = blocks(2, 6, seed=3)
+        torch.testing.assert_close(again(ids).logits, first(ids).logits, rtol=0, atol=0)
+        return
+    else:
+        records.unlink()
+        (out / "run.json").unlink()
+        expected = r"written by an older tint_hf"
+    with pytest.raises(RunStoreError, match=expected):
+        convert(tiny_opt(), blocks(), out, settings, progress=False)
+
+
+def test_convert_refuses_empty_blocks(tmp_path):
+    settings = ConversionSettings(mesa_layers=[1], stages=("calibrate",))
+    with pytest.raises(ValueError, match=r"train_blocks is empty"):
+        convert(tiny_opt(), torch.zeros(0, 8, dtype=torch.long), tmp_path, settings, progress=False)
+    with pytest.raises(ValueError, match=r"eval_blocks must be a \(N, T\) tensor"):
+        convert(tiny_opt(), blocks(), tmp_path, settings, eval_blocks=[], progress=False)
 
 
 def test_bad_conversion_requests_are_refused():

@@ -15,6 +15,7 @@ from conftest import tiny_gpt2
 
 from tint_hf.cli import console_main, main
 from tint_hf.evaluation import disjoint_subsets, get_task, load_examples
+from tint_hf.runstore import RunStoreError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -156,7 +157,8 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, t
     monkeypatch.setattr(FewShotEvaluator, "_cell",
                         lambda self, task, mode, builder, k, seed, *a: computed.append((mode.label, k, seed))
                         or original(self, task, mode, builder, k, seed, *a))
-    assert main(args) == 0
+    with pytest.warns(UserWarning, match=r"cells.jsonl:5: dropping a record cut short"):
+        assert main(args) == 0
     assert computed == [("dynamic", 2, 1), ("dynamic", 2, 2)]
     assert [json.loads(line)["key"] for line in (out / "cells.jsonl").read_text().splitlines()] == \
         [json.loads(line)["key"] for line in cells]  # the cut line is gone, the recomputed cells appended cleanly
@@ -170,11 +172,61 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, t
     assert computed == [("tint", 0, 1), ("tint", 2, 1)]
     assert len((out / "cells.jsonl").read_text().splitlines()) == 8
     complete = json.loads((out / "results.json").read_text())["runs"]
-    with pytest.raises(SystemExit, match=r"other settings \(differing: lrs\).*--overwrite"):
+    with pytest.raises(RunStoreError, match=r"other settings \(lrs: \[0.0, 0.05\] -> \[0.0, 0.1\]\).*--overwrite"):
         main([a if a != "0,0.05" else "0,0.1" for a in args])
     assert json.loads((out / "results.json").read_text())["runs"] == complete  # untouched
     assert main([a if a != "0,0.05" else "0,0.1" for a in args] + ["--overwrite"]) == 0
-    assert json.loads((out / "settings.json").read_text())["lrs"] == [0.0, 0.1]
+    assert json.loads((out / "run.json").read_text())["settings"]["lrs"] == [0.0, 0.1]
+
+
+def test_a_resumed_eval_refuses_changed_inputs_and_damaged_cells(checkpoint, tmp_path):
+    """The cells of a run are read back only for the same data, model weights and tokenizer (content hashes in
+    run.json), and damaged or conflicting lines are named, not skipped or overridden."""
+    import shutil
+
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(FIXTURES, data)
+    shutil.copytree(checkpoint, model)
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(model), "--tasks", "MR", "--data-dir", str(data), "--modes", "icl",
+            "--shots", "0", "--seeds", "1", "--n-eval", "8", "--quiet", "--no-plot", "--out", str(out)]
+    assert main(args) == 0
+    assert main(args) == 0  # unchanged: resumes
+    test_file = data / "MR" / "test.csv"
+    original = test_file.read_text()
+    test_file.write_text(original.replace("delightful", "delighted", 1))  # one word edited in the evaluation pool
+    with pytest.raises(RunStoreError, match=r"another data/MR .*--overwrite"):
+        main(args)
+    test_file.write_text(original)
+    weights = model / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(RunStoreError, match=r"another model "):
+        main(args)
+    shutil.copytree(checkpoint, model, dirs_exist_ok=True)
+    assert main(args) == 0
+    cells = out / "cells.jsonl"
+    line = json.loads(cells.read_text().splitlines()[0])
+    conflicting = json.dumps({**line, "runs": [{**line["runs"][0], "accuracy": 0.0}]})
+    cells.write_text(cells.read_text() + conflicting + "\n")
+    with pytest.raises(RunStoreError, match=r"cells.jsonl: lines 1 and 2 hold different results for 'MR\|icl"):
+        main(args)
+    cells.write_text(json.dumps(line) + "\n" + json.dumps(line) + "\n")  # an identical duplicate is harmless
+    assert main(args) == 0 and len(cells.read_text().splitlines()) == 1
+    cells.write_text(json.dumps(line) + "\n" + json.dumps({"runs": []}) + "\n")
+    with pytest.raises(RunStoreError, match=r"cells.jsonl:2 is not a record of this run"):
+        main(args)
+    cells.write_text("{broken\n" + json.dumps(line) + "\n")
+    with pytest.raises(RunStoreError, match=r"cells.jsonl:1 is not valid JSON"):
+        main(args)
+    (out / "run.json").write_text("{")
+    with pytest.raises(RunStoreError, match=r"run.json is damaged"):
+        main(args)
+    assert console_main(args[:-1] + [str(test_file)]) == 2  # --out an existing file
 
 
 def test_the_tint_paper_preset_sets_the_protocol_and_explicit_arguments_win():

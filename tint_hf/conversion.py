@@ -13,16 +13,16 @@ its own objective against the frozen original (the teacher).
 
 :func:`convert` runs the stages into a folder, one sub-folder per finished stage (a loadable checkpoint) plus
 ``stages.json`` (settings and loss curves); rerunning continues after the last finished stage (with the random state
-saved there, so that it ends where an uninterrupted run would) and refuses to mix stages made with other settings.
+saved there, so that it ends where an uninterrupted run would) and refuses to mix stages made with other settings or
+from other inputs (the run store of :mod:`tint_hf.runstore`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, OPTForCausalLM,
 from .models.mesa_llama import MesaLlamaForCausalLM
 from .models.mesa_llama.mesa_attention import MESA_PARAMETERS
 from .models.mesa_opt import MesaOPTForCausalLM
+from .runstore import RunStore, RunStoreError, fingerprint_model, fingerprint_tensors, versions
 
 STAGES = ("calibrate", "transfer", "finetune")
 RNG_STATE = "rng_state.pt"  # torch's CPU random state after a stage, saved in its folder so that a resumed run matches
@@ -302,25 +303,30 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
 
 def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str | Path, settings: ConversionSettings,
             eval_blocks: torch.Tensor | None = None, progress: bool = True) -> PreTrainedModel:
-    """Run ``settings.stages`` after the initialisation, saving each finished stage to ``out_dir/<stage>`` and its
-    record (settings, losses, held-out perplexity when ``eval_blocks`` is given) to ``out_dir/stages.json``.
+    """Run ``settings.stages`` after the initialisation, saving each finished stage to ``out_dir/<stage>`` with
+    torch's random state (``RNG_STATE``), its record (losses, held-out perplexity when ``eval_blocks`` (N, T) is
+    given) to the run store ``out_dir/stages.jsonl`` (:mod:`tint_hf.runstore`), and a summary of all stages to
+    ``out_dir/stages.json``.
 
-    Resumable: a rerun with the same settings loads the last finished stage and torch's random state saved with it
-    (``RNG_STATE``) and runs only the rest, ending with the same weights as an uninterrupted run; a folder made with
-    other settings is refused rather than mixed or overwritten.
+    Resumable: a rerun loads the last finished stage and its random state and runs only the rest, ending with the
+    same weights as an uninterrupted run. It must be the same conversion: other settings, another teacher (weights
+    or dtype), other training or held-out blocks, or other package versions are refused, as are damaged stage files.
     """
+    train_blocks = _check_blocks("train_blocks", train_blocks)
+    if eval_blocks is not None:
+        eval_blocks = _check_blocks("eval_blocks", eval_blocks)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record_path = out_dir / "stages.json"
-    wanted = json.loads(json.dumps(asdict(settings)))
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"settings": wanted, "stages": {}}
-    # a folder written before a settings field existed holds that field's default
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(ConversionSettings)
-                                      if f.default is not MISSING}))
-    saved = {**{k: v for k, v in defaults.items() if k not in record["settings"]}, **record["settings"]}
-    if saved != wanted:
-        raise ValueError(f"{out_dir} holds a conversion made with other settings ({record_path}); use another "
-                         "--out folder or delete it.")
+    fresh = f"use another output folder, or delete {out_dir} to start over"
+    store = RunStore(out_dir, "stages.jsonl", fresh_start=fresh)
+    if not store.records and (out_dir / "stages.json").exists():
+        raise RunStoreError(f"{out_dir} holds a conversion written by an older tint_hf, which did not record what it "
+                            f"was computed from; {fresh}.")
+    store.check_settings(asdict(settings))
+    store.check_provenance("versions", versions())
+    store.check_provenance("teacher", fingerprint_model(teacher))
+    store.check_provenance("train_blocks", fingerprint_tensors([("blocks", train_blocks)]))
+    store.check_provenance("eval_blocks", None if eval_blocks is None
+                           else fingerprint_tensors([("blocks", eval_blocks)]))
     teacher = teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -331,26 +337,20 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
             facts["perplexity"] = perplexity(model, eval_blocks, settings.batch_size)
         model.save_pretrained(out_dir / name)
         torch.save(rng_state, out_dir / name / RNG_STATE)
-        record["stages"][name] = facts
-        record_path.write_text(json.dumps(record, indent=1) + "\n")
+        store.put(name, facts)
+        _write_summary(store, out_dir / "stages.json")
 
     torch.manual_seed(settings.seed)
-    finished = [s for s in ("init",) + settings.stages if s in record["stages"]]
+    finished = [s for s in ("init",) + settings.stages if s in store]
     if finished:
-        student = AutoModelForCausalLM.from_pretrained(out_dir / finished[-1], dtype=teacher.dtype).eval()
-        # the random numbers continue where the uninterrupted run's would (the LoRA initialisation draws from them)
-        if (out_dir / finished[-1] / RNG_STATE).exists():
-            torch.set_rng_state(torch.load(out_dir / finished[-1] / RNG_STATE))
-        elif any(stage not in record["stages"] for stage in settings.stages):
-            warnings.warn(f"{out_dir / finished[-1]} has no {RNG_STATE} (written before tint_hf saved it): the "
-                          "remaining stages draw other random numbers than an uninterrupted run would.", stacklevel=2)
+        student = _load_stage(out_dir / finished[-1], teacher.dtype, fresh)
     else:
         student = init_student(teacher, settings.mesa_layers, **settings.mesa)
-        if eval_blocks is not None:
-            record["teacher_perplexity"] = perplexity(teacher, eval_blocks, settings.batch_size)
+        if eval_blocks is not None and "teacher" not in store:
+            store.put("teacher", {"perplexity": perplexity(teacher, eval_blocks, settings.batch_size)})
         save("init", student)
     for stage in settings.stages:
-        if stage in record["stages"]:
+        if stage in store:
             continue
         if stage == "calibrate":
             save(stage, student, ratios=calibrate(student, teacher, train_blocks[: 8 * settings.batch_size],
@@ -365,6 +365,46 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
                                        progress, target=settings.lora_target)
             save(stage, student, losses=losses)
     return student
+
+
+def _check_blocks(name: str, blocks: torch.Tensor) -> torch.Tensor:
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise ValueError(f"{name} must be a (N, T) tensor of token ids (torch.long), got "
+                         f"{getattr(blocks, 'shape', type(blocks).__name__)}; cut a text with "
+                         "tint_hf.evaluation.text_blocks.")
+    if blocks.numel() == 0:
+        raise ValueError(f"{name} is empty ({tuple(blocks.shape)}): give at least one block of at least one token "
+                         "(a longer text or a smaller block size).")
+    return blocks
+
+
+def _load_stage(folder: Path, dtype: torch.dtype, fresh: str) -> PreTrainedModel:
+    """A finished stage's checkpoint with torch's random state set as it was when that stage ended."""
+    redo = (f"delete its line in {folder.parent / 'stages.jsonl'} to redo it from the stage before, or {fresh}")
+    if not (folder / "config.json").is_file():
+        raise RunStoreError(f"The finished stage {folder.name!r} has no checkpoint in {folder}; {redo}.")
+    try:
+        student = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    except Exception as error:  # any failure to load (safetensors, config, shapes) is a damaged stage
+        raise RunStoreError(f"The checkpoint of the finished stage {folder.name!r} in {folder} does not load "
+                            f"({type(error).__name__}: {str(error)[:200]}); {redo}.") from None
+    try:  # the random numbers continue where the uninterrupted run's would (the LoRA initialisation draws from them)
+        torch.set_rng_state(torch.load(folder / RNG_STATE))
+    except Exception as error:  # missing, cut, or not a random state
+        raise RunStoreError(f"{folder / RNG_STATE} is missing or damaged ({type(error).__name__}); without it the "
+                            f"remaining stages would draw other random numbers than an uninterrupted run; "
+                            f"{redo}.") from None
+    return student
+
+
+def _write_summary(store: RunStore, path: Path) -> None:
+    """``stages.json``: the settings, the teacher's held-out perplexity and every finished stage's record."""
+    stages = {key: {k: v for k, v in record.items() if k != "key"} for key, record in store.records.items()
+              if key != "teacher"}
+    summary = {"settings": store.settings, "stages": stages}
+    if "teacher" in store:
+        summary["teacher_perplexity"] = store.get("teacher")["perplexity"]
+    path.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 __all__ = ["LORA_TARGETS", "STAGES", "ConversionSettings", "calibrate", "convert", "decoder_layers",

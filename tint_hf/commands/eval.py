@@ -9,7 +9,6 @@ Example (offline, local data in the ``DATA_DIR/<Task>/{train,test}.jsonl`` layou
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -17,9 +16,10 @@ from torch import nn
 
 from .._optional import require
 from ..evaluation import FewShotConfig, FewShotEvaluator, ModeConfig, get_task, load_examples, summarize_runs
-from ..evaluation.fewshot import MODES, SELECTIONS, CellStore, TintSource
+from ..evaluation.fewshot import MODES, SELECTIONS, TintSource
 from ..evaluation.report import markdown_table, write_results
 from ..evaluation.scoring import CALIBRATIONS
+from ..runstore import RunStore, fingerprint_json, fingerprint_model, fingerprint_tokenizer, versions
 from ..simulate import Approximations
 
 HELP = "Few-shot evaluation (standard ICL, dynamic evaluation, TinT) with one scorer; writes JSON/JSONL/MD/PNG."
@@ -43,6 +43,7 @@ PRESETS = {
 }
 # Settings that cannot change a result: a resumed run may differ in these.
 NOT_SETTINGS = ("out", "quiet", "no_plot", "overwrite", "func", "batch_size")
+RESULT_FILES = ("results.json", "predictions.jsonl", "summary.md", "accuracy.png", "settings.json")
 # Arguments that only choose which cells run: each cell's key names its task, mode label (variant, loss, layers,
 # steps, approximations), shots and seed, so a later call in the same --out may choose other cells (add a task or a
 # mode, or fill in a column) while the cells already there stay valid. Everything else must match.
@@ -232,27 +233,16 @@ def settings_of(args: argparse.Namespace) -> dict:
             for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
 
 
-def open_store(args: argparse.Namespace) -> CellStore:
-    """The run's :class:`CellStore` in ``--out``: resumed (and extended) when the settings other than
-    :data:`CELL_SELECTION` match, replaced with ``--overwrite``, refused otherwise (nothing is overwritten silently).
-    ``settings.json`` holds the latest call's arguments."""
-    out, settings = Path(args.out), settings_of(args)
-    saved = out / "settings.json"
-    previous = json.loads(saved.read_text()) if saved.exists() else {}
-    finished = [p.name for p in (out / "cells.jsonl", out / "results.json") if p.exists() and p.stat().st_size]
-    changed = sorted(k for k in set(settings) | set(previous)
-                     if k not in CELL_SELECTION and previous.get(k) != settings.get(k))
-    if finished and changed:
-        if not args.overwrite:
-            raise SystemExit(f"--out {out} holds a run ({', '.join(finished)}) with other settings (differing: "
-                             f"{', '.join(changed)}). Use another --out, or pass --overwrite to discard it.")
-        for name in ("cells.jsonl", "results.json", "predictions.jsonl", "summary.md", "accuracy.png"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(settings, indent=2) + "\n")
-    store = CellStore(out / "cells.jsonl")
-    if store.cells:
-        print(f"resuming {out}: {len(store.cells)} finished cells are read back, not recomputed")
+def open_store(args: argparse.Namespace) -> RunStore:
+    """The run store in ``--out`` (:mod:`tint_hf.runstore`): resumed and extended when the settings other than
+    :data:`CELL_SELECTION` match (and, checked as they are loaded, the model, tokenizer, data and package versions),
+    emptied with ``--overwrite``, refused otherwise."""
+    store = RunStore(args.out, "cells.jsonl", overwrite=args.overwrite, also_remove=RESULT_FILES,
+                     fresh_start="pass --overwrite to discard it, or use another --out")
+    store.check_settings(settings_of(args), free=CELL_SELECTION)
+    store.check_provenance("versions", versions())
+    if store.records:
+        print(f"resuming {args.out}: {len(store.records)} finished cells are read back, not recomputed")
     return store
 
 
@@ -268,17 +258,24 @@ def run(args: argparse.Namespace) -> int:
         require("matplotlib", "plot", "tint-hf eval's accuracy.png (or pass --no-plot)")
     store = open_store(args)
     model, tokenizer = load_model(args)
+    store.check_provenance("model", fingerprint_model(model))
+    store.check_provenance("tokenizer", fingerprint_tokenizer(tokenizer))
+    tint = load_tint(args, model)
+    if isinstance(tint, nn.Module):
+        store.check_provenance("tint_model", fingerprint_model(tint))
     config = FewShotConfig(shots=args.shots, seeds=args.seeds, template=args.template, calibration=args.calibration,
                            n_eval=args.n_eval, n_dev=args.n_dev, eval_seed=args.eval_seed,
                            balanced=not args.unbalanced, legacy_sampler=args.legacy_sampler,
                            batch_size=args.batch_size, add_bos={"auto": None, "always": True, "never": False}[args.bos],
                            progress=not args.quiet, select=args.select)
-    evaluator = FewShotEvaluator(model, tokenizer, config, load_tint(args, model), store=store)
+    evaluator = FewShotEvaluator(model, tokenizer, config, tint, store=store)
     runs, predictions = [], []
     for task in tasks:
         source = dict(data_dir=args.data_dir, hub=args.hub, text_field=args.text_field, label_field=args.label_field)
         train = load_examples(task, "train", file=args.train_file, **source)
         evaluation = load_examples(task, "eval", file=args.eval_file, **source)
+        store.check_provenance(f"data/{task.name}", fingerprint_json(
+            [[[e.text, e.label] for e in pool] for pool in (train, evaluation)]))
         result = evaluator.evaluate_task(task, train, evaluation, modes)
         runs += result.runs
         predictions += result.predictions

@@ -4,22 +4,21 @@ Protocol (TinT paper, with one fix): one class-balanced set of k demonstrations 
 example; a class-balanced *test* subset of the evaluation pool (the reported numbers); and, when several learning
 rates are given, a disjoint balanced *dev* subset. ``select="dev"`` chooses the learning rate per seed on the dev
 subset (ours); ``select="test"`` takes the best one on the test subset itself, as the authors' scripts do (an oracle
-number); ``select="both"`` reports both rows. Each (task, mode, k, seed) cell is handed to a :class:`CellStore` as
-soon as it is done, so an interrupted run resumes where it stopped.
+number); ``select="both"`` reports both rows. Each (task, mode, k, seed) cell is written to a :class:`~tint_hf.runstore.RunStore`
+as soon as it is done, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..runstore import RunStore
 from ..simulate import Approximations
 from .data import Example
 from .modes import DynamicSGD, PlainLM, TinTForward, pad_rows
@@ -131,42 +130,9 @@ class TaskResult:
 TintSource = nn.Module | Callable[[int | None, int], nn.Module]
 
 
-class CellStore:
-    """Finished cells of an evaluation, one JSON line each in ``path`` (``cells.jsonl``), keyed by
-    (task, mode label, k, seed). :meth:`put` appends and flushes at once, so a run killed at any point keeps every
-    finished cell; a later run with the same settings reads them back and skips them. A line cut short by the kill is
-    dropped from the file on load (that cell is recomputed), so later appends start on a clean line."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.cells: dict[str, dict] = {}
-        if not self.path.exists():
-            return
-        text = self.path.read_text(encoding="utf-8")
-        for line in text.splitlines():
-            try:
-                cell = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.cells[cell["key"]] = cell
-        kept = "".join(json.dumps(cell) + "\n" for cell in self.cells.values())
-        if kept != text:
-            self.path.write_text(kept, encoding="utf-8")
-
-    @staticmethod
-    def key(task: str, mode: str, shots: int, seed: int) -> str:
-        return f"{task}|{mode}|k={shots}|seed={seed}"
-
-    def get(self, key: str) -> dict | None:
-        return self.cells.get(key)
-
-    def put(self, key: str, runs: list[dict], predictions: list[dict]) -> None:
-        cell = dict(key=key, runs=runs, predictions=predictions)
-        self.cells[key] = cell
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(cell) + "\n")
-            f.flush()
+def cell_key(task: str, mode: str, shots: int, seed: int) -> str:
+    """The key of one (task, mode label, k, seed) cell in the run store."""
+    return f"{task}|{mode}|k={shots}|seed={seed}"
 
 
 class FewShotEvaluator:
@@ -178,11 +144,11 @@ class FewShotEvaluator:
         config: :class:`FewShotConfig`.
         tint_model: for the ``tint`` mode, a model whose forward takes ``train_mask`` simulating ``model``, or a
             function ``(n_layers, n_steps) -> model`` that builds one per grid point (the last one is kept).
-        store: a :class:`CellStore` to resume from and write finished cells to (``None``: keep nothing).
+        store: a :class:`~tint_hf.runstore.RunStore` to resume from and write finished cells to (``None``: keep nothing).
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: FewShotConfig,
-                 tint_model: TintSource | None = None, store: CellStore | None = None):
+                 tint_model: TintSource | None = None, store: RunStore | None = None):
         self.model, self.tokenizer, self.config, self.store = model, tokenizer, config, store
         self._tint_source = tint_model
         self._tint_built: tuple[tuple, nn.Module] | None = None
@@ -263,7 +229,7 @@ class FewShotEvaluator:
             builder = PromptBuilder(self.tokenizer, template, mode.train_on_query, cfg.add_bos)
             for k in cfg.shots:
                 for seed in cfg.seeds[:1] if k == 0 else cfg.seeds:
-                    key = CellStore.key(task.name, mode.label, k, seed)
+                    key = cell_key(task.name, mode.label, k, seed)
                     cell = self.store.get(key) if self.store is not None else None
                     if cell is None:
                         demo_idx = sample_demonstrations([e.label for e in train_pool], k, seed, task.num_classes,
@@ -271,7 +237,7 @@ class FewShotEvaluator:
                         runs, predictions = self._cell(task, mode, builder, k, seed, demo_idx, train_pool, eval_pool,
                                                        test_idx, dev_idx)
                         if self.store is not None:
-                            self.store.put(key, runs, predictions)
+                            self.store.put(key, dict(runs=runs, predictions=predictions))
                         cell = dict(runs=runs, predictions=predictions)
                     result.runs += cell["runs"]
                     result.predictions += cell["predictions"]
