@@ -186,20 +186,22 @@ def test_config_validation_and_layer_types():
     assert config.layer_types == ["mesa", "full_attention", "full_attention", "full_attention"]
 
 
-def test_from_pretrained_on_an_opt_folder_equals_from_opt(tmp_path):
-    """MesaOPTForCausalLM.from_pretrained(opt_dir, mesa_layers=...) is from_opt: same weights, a mesa_opt config whose
-    cache layer types follow the mesa_layers argument, the same generations, and it saves as a MesaOPT."""
-    opt = tiny_opt()
+def test_a_plain_opt_folder_is_refused_by_from_pretrained_and_taken_by_from_opt(tmp_path):
+    """from_pretrained on a plain OPT folder would leave the mesa parameters random: refused, naming from_opt;
+    from_opt(folder) gives a mesa_opt config whose cache layer types follow mesa_layers, OPT's weights bit for bit,
+    the generations of from_opt(instance), and it saves and reloads as a MesaOPT."""
+    opt = tiny_opt(dtype=torch.float32)
     opt.save_pretrained(tmp_path / "opt")
-    model = MesaOPTForCausalLM.from_pretrained(tmp_path / "opt", mesa_layers=[1], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"random or unused.*plain base-model checkpoint.*from_opt"):
+        MesaOPTForCausalLM.from_pretrained(tmp_path / "opt", mesa_layers=[1])
+    torch.manual_seed(0)
+    model = MesaOPTForCausalLM.from_opt(tmp_path / "opt", mesa_layers=[1])
+    torch.manual_seed(0)
     reference = mesa_model(opt, mesa_layers=[1])
     assert model.config.model_type == "mesa_opt"
     assert model.config.layer_types == ["full_attention", "mesa"]
-    assert model.state_dict().keys() == reference.state_dict().keys()
     for name, tensor in reference.state_dict().items():
-        # OPT weights bit for bit; fresh mesa parameters to float32 rounding (from_opt initialises them in float32)
-        tolerance = 1e-6 if MESA_PARAMETERS.intersection(name.split(".")) else 0.0
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=tolerance, atol=tolerance, msg=name)
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     ids, mask = batch_with_left_padding()
     model.generation_config.pad_token_id = reference.generation_config.pad_token_id = 1
     kwargs = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)

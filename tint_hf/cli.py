@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
+
 SUBCOMMANDS: dict[str, str] = {
     "demo": "tint_hf.commands.demo",
     "build": "tint_hf.commands.build",
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(args) or 0)
 
 
-USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, ImportError)
+USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, ImportError,
+               StrictDataclassError)
 
 
 def console_main(argv: list[str] | None = None) -> int:

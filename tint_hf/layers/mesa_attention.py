@@ -20,6 +20,7 @@ states of a group are equal; the cache keeps them per query head.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ from .mesa_op import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_
 MESA_PARAMETERS = frozenset({"lambda_params", "f_proj", "b_proj", "o_norm", "g_proj", "q_conv1d", "k_conv1d",
                              "v_conv1d"})
 """Names of the parameters a mesa layer adds to the base attention (everything else is loaded from the base model)."""
+
+MESA_STRUCTURE = ("mesa_layers", "short_conv_size", "use_output_gate", "use_forget_gate", "use_input_gate",
+                  "lambda_min", "num_attention_heads", "num_key_value_heads")
+"""Mesa config fields that give a checkpoint's weights their meaning (:class:`WholeCheckpointMixin`)."""
 
 
 class MesaStateLayer(CacheLayerMixin):
@@ -427,10 +432,66 @@ def init_mesa_parameters(module: nn.Module, config) -> None:
         init.ones_(module.weight)
 
 
+class WholeCheckpointMixin:
+    """``from_pretrained`` that loads a checkpoint whole or not at all (HF only logs what it could not load).
+
+    Missing, unexpected or mis-shaped weights raise (a plain OPT / Llama folder is pointed at ``from_base``). Config
+    edits that keep every weight name and shape (an activation, ``mesa_rope``, a gate switched off, ...) are caught
+    by ``weights_built_for``: ``save_pretrained`` writes the values of :attr:`structure_fields` the weights were
+    built with into config.json, and loading compares them with the config the model is built from.
+    """
+
+    structure_fields: tuple[str, ...] = ()
+    from_base: str = ""  # how to start from the plain base model, for the messages
+
+    def structure(self) -> dict:
+        """The config values that give the weights their meaning."""
+        return {name: getattr(self.config, name, None) for name in self.structure_fields}
+
+    def save_pretrained(self, *args, **kwargs):
+        self.config.weights_built_for = self.structure()
+        return super().save_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
+                                                                              "mismatched_keys")}
+        problems = {kind: keys[:4] + ([f"... ({len(keys)} in all)"] if len(keys) > 4 else [])
+                    for kind, keys in problems.items() if keys}
+        if problems:
+            plain = all(MESA_PARAMETERS.intersection(key.split(".")) for key in info.get("missing_keys") or ())
+            hint = (f"it looks like a plain base-model checkpoint: start from it with {cls.from_base}"
+                    if plain and not problems.keys() - {"missing_keys"} else
+                    "check that config.json belongs to these weights and was not edited (mesa_layers, "
+                    "short_conv_size, use_output_gate, ...)")
+            raise ValueError(f"{cls.__name__}.from_pretrained({where!r}) would leave weights random or unused: "
+                             f"{problems}; {hint}.")
+        built_for = getattr(model.config, "weights_built_for", None)
+        if built_for is not None:
+            now = model.structure()
+            changed = {k: (built_for.get(k), now[k]) for k in now if k in built_for and built_for[k] != now[k]}
+            if changed:
+                raise ValueError(f"{cls.__name__}.from_pretrained({where!r}): the weights were built for "
+                                 + ", ".join(f"{k}={old!r}" for k, (old, _) in changed.items())
+                                 + " but the config now says "
+                                 + ", ".join(f"{k}={new!r}" for k, (_, new) in changed.items())
+                                 + "; restore config.json (or drop the override), or convert again from the base "
+                                   "model.")
+        return (model, info) if output_loading_info else model
+
+
 def mesa_model_from_base(model_class: type, base: nn.Module, **mesa_kwargs) -> nn.Module:
     """``model_class`` (a mesa CausalLM) with ``base``'s configuration plus ``mesa_kwargs``, every weight of ``base``
     (:func:`load_base_weights`), its device, dtype and generation config; in eval mode."""
-    drop = {"model_type", "architectures", "transformers_version", "auto_map"}
+    known = {f.name for f in dataclasses.fields(model_class.config_class)}
+    unknown = sorted(set(mesa_kwargs) - known)
+    if unknown:
+        mesa_fields = known - {f.name for f in dataclasses.fields(type(base.config))}
+        raise TypeError(f"Unknown config fields {unknown} for {model_class.__name__}; the mesa fields are "
+                        f"{sorted(mesa_fields - {'layer_types'})} (and any field of {type(base.config).__name__}).")
+    drop = {"model_type", "architectures", "transformers_version", "auto_map", "weights_built_for"}
     fields = {key: value for key, value in base.config.to_dict().items() if key not in drop}
     model = model_class(model_class.config_class(**{**fields, **mesa_kwargs})).to(device=base.device, dtype=base.dtype)
     load_base_weights(model, base)

@@ -4,8 +4,7 @@ The model folders link this file as ``mesa_config.py``; a configuration is ``Mes
 configuration (``class MesaOPTConfig(MesaConfigMixin, OPTConfig)``), so these are real dataclass fields of it.
 """
 
-from __future__ import annotations
-
+import math
 from dataclasses import dataclass
 
 from .mesa_op import SOLVERS
@@ -48,10 +47,10 @@ class MesaConfigMixin:
     short_conv_size: int = 0
     use_output_gate: bool = False
     chunk_size: int = 64
-    lambda_init: float = 1.0
-    lambda_min: float = 0.25
+    lambda_init: float | int = 1.0
+    lambda_min: float | int = 0.25
     use_forget_gate: bool = True
-    forget_gate_windows: list[float] | tuple[float, float] = (16.0, 2048.0)
+    forget_gate_windows: list[int | float] | tuple[int | float, int | float] = (16.0, 2048.0)
     use_input_gate: bool = True
     mesa_backend: str = "torch"
     layer_types: list[str] | None = None
@@ -70,6 +69,11 @@ class MesaConfigMixin:
         return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
 
     def _check_mesa_fields(self) -> None:
+        numbers = {"lambda_init": self.lambda_init, "lambda_min": self.lambda_min,
+                   "forget_gate_windows": self.forget_gate_windows}
+        for name, value in numbers.items():
+            if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+                raise ValueError(f"{name} must be finite, got {value!r}.")
         if self.mesa_solver not in SOLVERS:
             raise ValueError(f"mesa_solver must be one of {SOLVERS}, got {self.mesa_solver!r}.")
         if self.mesa_backend not in BACKENDS:

@@ -15,8 +15,10 @@ plateau task's encoder) come from ``structure_seed``, so train and evaluation st
 
 from __future__ import annotations
 
+import math
+import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from datasets import Dataset, IterableDataset
@@ -24,11 +26,21 @@ from datasets import Dataset, IterableDataset
 Example = dict[str, np.ndarray]
 
 
-def _check_positive(task: object, *names: str) -> None:
-    for name in names:
-        value = getattr(task, name)
-        if not (isinstance(value, int | float) and value > 0):
-            raise ValueError(f"{type(task).__name__}.{name} must be positive, got {value!r}.")
+def _check_fields(task: object, *positive: str) -> None:
+    """Every field of the task's dataclass has its annotated type (int: an int, not a bool; float: a finite number;
+    bool: a bool), and the ``positive`` ones are > 0."""
+    hints = typing.get_type_hints(type(task))
+    for f in fields(task):
+        value, kind = getattr(task, f.name), hints[f.name]
+        ok = {int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+              bool: isinstance(value, bool)}.get(kind, True)
+        if not ok:
+            wanted = {float: "a finite number", int: "an int", bool: "a bool"}[kind]
+            raise ValueError(f"{type(task).__name__}.{f.name} must be {wanted}, got {value!r}.")
+    for name in positive:
+        if not getattr(task, name) > 0:
+            raise ValueError(f"{type(task).__name__}.{name} must be positive, got {getattr(task, name)!r}.")
 
 
 class SyntheticTask:
@@ -85,7 +97,7 @@ class LinearRegressionTask(SyntheticTask):
     is_regression = True
 
     def __post_init__(self):
-        _check_positive(self, "dim", "n_context")
+        _check_fields(self, "dim", "n_context")
         if self.noise_std < 0:
             raise ValueError(f"LinearRegressionTask.noise_std must be >= 0, got {self.noise_std}.")
 
@@ -119,7 +131,7 @@ class LinearDynamicsTask(SyntheticTask):
     is_regression = True
 
     def __post_init__(self):
-        _check_positive(self, "dim", "length", "spectral_radius")
+        _check_fields(self, "dim", "length", "spectral_radius")
         if self.noise_std < 0:
             raise ValueError(f"LinearDynamicsTask.noise_std must be >= 0, got {self.noise_std}.")
 
@@ -170,7 +182,7 @@ class PlateauTask(SyntheticTask):
     is_regression = False
 
     def __post_init__(self):
-        _check_positive(self, "n_context", "latent_dim", "encoder_width", "input_dim", "encoder_frequency")
+        _check_fields(self, "n_context", "latent_dim", "encoder_width", "input_dim", "encoder_frequency")
         if not (isinstance(self.num_values, int) and self.num_values >= 2):
             raise ValueError(f"PlateauTask.num_values must be an int >= 2, got {self.num_values!r}.")
         if not 0.0 <= self.fixed_fraction <= 1.0:

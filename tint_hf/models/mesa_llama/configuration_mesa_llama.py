@@ -1,8 +1,6 @@
 """Configuration of MesaLlama: a Llama-family decoder whose chosen layers use the mesa-layer instead of softmax
 attention (SmolLM2, Llama, ... : anything ``LlamaConfig`` describes)."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 

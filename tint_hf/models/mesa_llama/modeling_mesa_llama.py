@@ -36,8 +36,10 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_mesa_llama import MesaLlamaConfig
 from .mesa_attention import (
+    MESA_STRUCTURE,
     MesaAttention,
     MesaStateLayer,
+    WholeCheckpointMixin,
     causal_lm_outputs,
     init_mesa_parameters,
     mesa_model_from_base,
@@ -86,7 +88,10 @@ class MesaLlamaDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class MesaLlamaPreTrainedModel(PreTrainedModel):
+class MesaLlamaPreTrainedModel(WholeCheckpointMixin, PreTrainedModel):
+    structure_fields = (*MESA_STRUCTURE, "mesa_rope", "hidden_act", "rope_parameters", "head_dim", "attention_bias",
+                        "mlp_bias")
+    from_base = "MesaLlamaForCausalLM.from_llama(path, mesa_layers=[...])"
     config_class = MesaLlamaConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

@@ -1,7 +1,5 @@
 """Configuration of MesaOPT: OPT whose chosen decoder layers use the mesa-layer instead of softmax attention."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 from transformers import OPTConfig
 

@@ -33,8 +33,10 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_mesa_opt import MesaOPTConfig
 from .mesa_attention import (
+    MESA_STRUCTURE,
     MesaAttention,
     MesaStateLayer,
+    WholeCheckpointMixin,
     causal_lm_outputs,
     init_mesa_parameters,
     mesa_model_from_base,
@@ -91,7 +93,10 @@ class MesaOPTDecoderLayer(GradientCheckpointingLayer):
         return self._sublayer(hidden_states, self.final_layer_norm, lambda x: self.fc2(self.activation_fn(self.fc1(x))))
 
 
-class MesaOPTPreTrainedModel(PreTrainedModel):
+class MesaOPTPreTrainedModel(WholeCheckpointMixin, PreTrainedModel):
+    structure_fields = (*MESA_STRUCTURE, "activation_function", "do_layer_norm_before", "enable_bias",
+                        "layer_norm_elementwise_affine", "_remove_final_layer_norm")
+    from_base = "MesaOPTForCausalLM.from_opt(path, mesa_layers=[...])"
     config_class = MesaOPTConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

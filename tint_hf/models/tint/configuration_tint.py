@@ -1,9 +1,8 @@
 """Configuration of TinT (Trainable Transformer in Transformer, Panigrahi et al. 2023)."""
 
-from __future__ import annotations
-
 import math
 
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -18,6 +17,7 @@ def nearest_divisor(n: int, target: float) -> int:
     return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: (abs(k - target), -k))
 
 
+@strict
 class TinTConfig(PreTrainedConfig):
     r"""Configuration of a :class:`TinTForCausalLM`.
 
@@ -65,13 +65,13 @@ class TinTConfig(PreTrainedConfig):
     num_attention_heads: int | None = None
     n_simulation_layers: int | None = None
     n_steps: int = 1
-    inner_lr: float = 1e-6
+    inner_lr: float | int = 1e-6
     loss_gradient: str = "ce"
     backward: str = "fd"
-    fd_scale: float = 1000.0
+    fd_scale: float | int = 1000.0
     ln_bias_only: bool = True
     authors_fc2_bias_bug: bool = False
-    default_train_fraction: float = 0.5
+    default_train_fraction: float | int = 0.5
     reuse_forward_blocks: bool = True
     reuse_backward_blocks: bool = True
     aux_model_id: str | None = None

@@ -16,6 +16,8 @@ modules on the prefix layout), :mod:`.blocks` (a forward block and a backward bl
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -108,9 +110,28 @@ class TinTPreTrainedModel(PreTrainedModel):
         weights (HF only logs them): TinT's weights *are* its construction, so a partial load (e.g. a config edited
         to another layer count) would silently simulate garbage."""
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        _refuse_partial_load(f"TinT checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')}",
-                             info)
+        what = f"TinT checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')}"
+        _refuse_partial_load(what, info)
+        built_for, now = getattr(model.config, "weights_built_for", None), model.structure()
+        if built_for is not None and built_for != now:
+            changed = sorted(k for k in now if built_for.get(k) != now[k])
+            raise ValueError(f"The {what} was constructed for other values of {changed} than its config now holds "
+                             f"(built for {[built_for.get(k) for k in changed]}, now {[now[k] for k in changed]}); "
+                             "restore config.json (or drop the override), or rebuild with "
+                             "TinTForCausalLM.from_auxiliary.")
         return (model, info) if output_loading_info else model
+
+    def structure(self) -> dict:
+        """What the constructed weights depend on beyond their names and shapes: the auxiliary model's config, the
+        prefix layout and the simulated layers (written to config.json as ``weights_built_for`` on save)."""
+        aux = {k: v for k, v in self.config.aux_config.to_dict().items()
+               if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+        return json.loads(json.dumps({"aux_config": aux, "num_prefixes": self.config.num_prefixes,
+                                      "n_simulation_layers": self.config.n_simulation_layers}))
+
+    def save_pretrained(self, *args, **kwargs):
+        self.config.weights_built_for = self.structure()
+        return super().save_pretrained(*args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -475,6 +496,11 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         The prefix embeddings receive the auxiliary weights; nothing else needs values. ``progress`` shows a
         progress bar over the layers.
         """
+        unknown = sorted(set(construction) - {f.name for f in dataclasses.fields(TinTConfig)})
+        if unknown:
+            raise TypeError(f"from_auxiliary got unknown TinTConfig fields {unknown}; the construction fields are "
+                            "num_prefixes, n_simulation_layers, n_steps, inner_lr, loss_gradient, backward, fd_scale, "
+                            "ln_bias_only, authors_fc2_bias_bug, default_train_fraction, num_attention_heads.")
         if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM
 
