@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from conftest import tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from tint_hf import TinTForCausalLM
@@ -34,3 +34,45 @@ def test_build_command_writes_a_loadable_checkpoint(tmp_path, gpt2_tokenizer, ca
     assert (tmp_path / "tint" / "tokenizer.json").exists() or (tmp_path / "tint" / "vocab.json").exists()
     with pytest.raises(SystemExit, match="not empty"):
         main(["build", "--aux", str(tmp_path / "aux"), "--out", str(tmp_path / "tint")])
+
+
+def test_build_without_num_prefixes_uses_the_library_default(tmp_path):
+    """The CLI hard-coded 256 before, which is no divisor of SmolLM2's d = 576; now it leaves P to the config."""
+    from tint_hf.models.tint.configuration_tint import nearest_divisor
+
+    tiny_llama(dtype=torch.float32, hidden_size=48).save_pretrained(tmp_path / "aux")
+    assert main(["build", "--aux", str(tmp_path / "aux"), "--out", str(tmp_path / "tint")]) == 0
+    assert TinTForCausalLM.from_pretrained(tmp_path / "tint").config.num_prefixes == nearest_divisor(48, 16) == 16
+
+
+BAD_NUMBERS = [
+    (["eval", "--lrs=-1e-4"], "--lrs", ">= 0"), (["eval", "--lrs", "nan"], "--lrs", "finite"),
+    (["eval", "--label-lrs=-1"], "--label-lrs", ">= 0"), (["eval", "--shots=-1"], "--shots", ">= 0"),
+    (["eval", "--seeds", "1,1"], "--seeds", "repeated"), (["eval", "--batch-size", "0"], "--batch-size", ">= 1"),
+    (["eval", "--n-steps", "0"], "--n-steps", ">= 1"), (["eval", "--layers", "2.5"], "--layers", "integer"),
+    (["ppl", "--block-size", "1"], "--block-size", ">= 2"), (["ppl", "--train-fraction", "1.5"], "--train-fraction",
+                                                             "between 0 and 1"),
+    (["build", "--inner-lr", "-1"], "--inner-lr", "> 0"), (["build", "--num-prefixes", "0"], "--num-prefixes", ">= 1"),
+    (["demo", "--lr", "-1"], "--lr", "> 0"), (["demo", "--lr", "inf"], "--lr", "finite"),
+    (["convert-mesa", "--transfer-steps", "-5"], "--transfer-steps", ">= 0"),
+    (["convert-mesa", "--finetune-lr", "0"], "--finetune-lr", "> 0"),
+    (["convert-mesa", "--batch-size", "0"], "--batch-size", ">= 1"),
+    (["synthetic", "regression", "--seeds", "0", "0"], "--seeds", "repeated"),
+    (["synthetic", "regression", "--lr=-1e-3"], "--lr", "> 0"),
+    (["synthetic", "plateau", "--mix-fraction", "2"], "--mix-fraction", "between 0 and 1"),
+]
+REQUIRED = {"eval": ["--model", "m", "--out", "o"], "ppl": ["--model", "m"], "build": ["--aux", "a", "--out", "o"],
+            "demo": [], "convert-mesa": ["--model", "m", "--layers", "1", "--out", "o"], "synthetic": []}
+
+
+@pytest.mark.parametrize("argv, option, says", BAD_NUMBERS, ids=[" ".join(a) for a, _, _ in BAD_NUMBERS])
+def test_bad_numbers_are_refused_by_the_parser(argv, option, says, capsys):
+    """Negative learning rates (gradient ascent), negative shots or steps, empty batches and repeated seeds stop at
+    the parser, with the option and what is allowed."""
+    from tint_hf.cli import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(argv + REQUIRED[argv[0]])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert option in error and says in error

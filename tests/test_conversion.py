@@ -260,3 +260,12 @@ def test_convert_mesa_cli_holds_out_a_shipped_address(tmp_path, capsys):
     assert console_main([*common, "--held-out-address", "1964", "--eval-fraction", "0.3", "--out",
                          str(tmp_path / "z")]) == 2
     assert "--eval-fraction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, bad", [("transfer_steps", -5), ("finetune_steps", 2.5), ("finetune_lr", -1e-3),
+                                        ("transfer_lr", float("nan")), ("kl_weight", -1.0), ("batch_size", 0),
+                                        ("lora_rank", 0)])
+def test_conversion_settings_are_typed(field, bad):
+    """Before: transfer_steps=-5 recorded a finished stage with no losses."""
+    with pytest.raises(ValueError, match=rf"{field}="):
+        ConversionSettings(mesa_layers=[0], **{field: bad})

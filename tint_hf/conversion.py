@@ -70,6 +70,16 @@ class ConversionSettings:
             raise ValueError(f"stages must keep the order {STAGES}, got {list(self.stages)}.")
         if not self.mesa_layers:
             raise ValueError("mesa_layers is empty: name the layers to convert (e.g. [8, 9, 10, 11]).")
+        for name, low in (("transfer_steps", 0), ("finetune_steps", 0), ("lora_rank", 1), ("batch_size", 1),
+                          ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+        for name, low in (("transfer_lr", "> 0"), ("finetune_lr", "> 0"), ("kl_weight", ">= 0")):
+            value = getattr(self, name)
+            number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+            if not number or value < 0 or (value == 0 and low == "> 0"):
+                raise ValueError(f"{name}={value!r} must be a finite number {low}.")
         if self.lora_target not in LORA_TARGETS:
             raise ValueError(f"lora_target={self.lora_target!r}: choose one of {sorted(LORA_TARGETS)}.")
         self.stages = tuple(self.stages)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..models.tint import TinTForCausalLM
+from .arguments import at_least, learning_rate
 
 HELP = "Construct TinTForCausalLM from an auxiliary OPT / GPT-2 / Llama checkpoint and save it (safetensors + remote code)."
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -17,13 +18,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aux", required=True, help="Auxiliary model: a local folder or a Hub id (e.g. facebook/opt-125m).")
     parser.add_argument("--out", required=True, type=Path, help="Output folder for the TinT checkpoint.")
-    parser.add_argument("--num-prefixes", type=int, default=256, help="P, number of prefix embeddings (default 256).")
-    parser.add_argument("--n-simulation-layers", type=int, default=None, help="Top layers updated (default: all).")
-    parser.add_argument("--n-steps", type=int, default=1, help="Simulated SGD steps (default 1).")
-    parser.add_argument("--inner-lr", type=float, default=1e-6, help="Inner learning rate on the summed loss.")
+    parser.add_argument("--num-prefixes", type=at_least(1), default=None,
+                        help="P, number of prefix embeddings (default: the divisor of d nearest d / 3, e.g. 256 for "
+                             "OPT-125M, 192 for SmolLM2-135M).")
+    parser.add_argument("--n-simulation-layers", type=at_least(1), default=None, help="Top layers updated (default: all).")
+    parser.add_argument("--n-steps", type=at_least(1), default=1, help="Simulated SGD steps (default 1).")
+    parser.add_argument("--inner-lr", type=learning_rate, default=1e-6, help="Inner learning rate on the summed loss.")
     parser.add_argument("--backward", choices=["fd", "exact"], default="fd",
                         help="LayerNorm/activation backward: TinT's finite difference (default) or exact.")
-    parser.add_argument("--fd-scale", type=float, default=1000.0, help="N of the finite difference (default 1000).")
+    parser.add_argument("--fd-scale", type=learning_rate, default=1000.0, help="N of the finite difference (default 1000).")
     parser.add_argument("--loss-gradient", choices=["ce", "quad", "uniform"], default="ce")
     parser.add_argument("--update-ln-gain", action="store_true", help="Also update LayerNorm gains (default: biases only).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..assets import sample_text
+from .arguments import at_least, fraction, learning_rate, non_negative
 from .eval import DTYPES, load_model
 
 HELP = "Convert chosen layers of an OPT / Llama-family model to mesa layers: calibrate, attention transfer, LoRA + KL."
@@ -33,24 +34,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--layers", type=_layers, required=True, help="Decoder layers to convert, e.g. 26,27,28,29.")
     parser.add_argument("--solver", default="cg", help="mesa_solver: exact, cg, cg1 or gd (linear attention).")
-    parser.add_argument("--cg-steps", type=int, default=30)
-    parser.add_argument("--short-conv-size", type=int, default=0, help="MesaNet's short convolution width (0: off).")
+    parser.add_argument("--cg-steps", type=at_least(1), default=30)
+    parser.add_argument("--short-conv-size", type=at_least(0), default=0, help="MesaNet's short convolution width (0: off).")
     parser.add_argument("--output-gate", action="store_true", help="MesaNet's SiLU output gate.")
     parser.add_argument("--stages", default="calibrate,transfer,finetune",
                         help="Comma-separated stages after the initialisation, in order.")
-    parser.add_argument("--transfer-steps", type=int, default=200)
-    parser.add_argument("--transfer-lr", type=float, default=1e-3)
+    parser.add_argument("--transfer-steps", type=at_least(0), default=200)
+    parser.add_argument("--transfer-lr", type=learning_rate, default=1e-3)
     parser.add_argument("--train-qkv", action="store_true", help="Attention transfer also trains q/k/v.")
-    parser.add_argument("--finetune-steps", type=int, default=200)
-    parser.add_argument("--finetune-lr", type=float, default=5e-4)
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--finetune-steps", type=at_least(0), default=200)
+    parser.add_argument("--finetune-lr", type=learning_rate, default=5e-4)
+    parser.add_argument("--lora-rank", type=at_least(1), default=8)
     parser.add_argument("--lora-target", choices=["attention", "mlp"], default="attention",
                         help="Projections of the converted layers that LoRA fine-tunes.")
-    parser.add_argument("--kl-weight", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--kl-weight", type=non_negative, default=1.0)
+    parser.add_argument("--batch-size", type=at_least(1), default=4)
+    parser.add_argument("--block-size", type=at_least(2), default=256)
     parser.add_argument("--text-file", type=Path, default=None, help="UTF-8 training text (default: shipped sample).")
-    parser.add_argument("--eval-fraction", type=float, default=None,
+    parser.add_argument("--eval-fraction", type=fraction, default=None,
                         help="Held-out share, taken from the end (default 0.2; not with --held-out-address).")
     parser.add_argument("--held-out-address", default=None,
                         help="Split the shipped sample by address instead: hold out the addresses whose heading "
@@ -65,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
     from ..conversion import ConversionSettings, convert
     from ..evaluation import address_split, text_blocks
 
-    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
-        raise ValueError(f"--eval-fraction must lie in (0, 1), got {args.eval_fraction}.")
     if args.text_file is not None and not args.text_file.is_file():
         raise FileNotFoundError(f"--text-file {args.text_file} does not exist.")
     if args.held_out_address is not None and (args.text_file is not None or args.eval_fraction is not None):

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 from ..assets import load_gpt2_tokenizer, sample_text
 from ..models.tint import TinTForCausalLM
 from ..simulate import Approximations, exact_step, tint_step
+from .arguments import at_least, fraction, learning_rate
 
 HELP = ("One step of in-context SGD on a tiny model and shipped text: exact SGD, TinT's approximate SGD (reference) "
         "and the constructed TinT transformer.")
@@ -19,13 +20,13 @@ HELP = ("One step of in-context SGD on a tiny model and shipped text: exact SGD,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="Path or Hub id of an OPT / GPT-2 / Llama causal LM (default: a tiny random OPT built here).")
-    parser.add_argument("--seq-len", type=int, default=256, help="Tokens per block (default: 256).")
-    parser.add_argument("--blocks", type=int, default=4, help="Number of text blocks to evaluate (default: 4).")
-    parser.add_argument("--train-fraction", type=float, default=0.5,
+    parser.add_argument("--seq-len", type=at_least(2), default=256, help="Tokens per block (default: 256).")
+    parser.add_argument("--blocks", type=at_least(1), default=4, help="Number of text blocks to evaluate (default: 4).")
+    parser.add_argument("--train-fraction", type=fraction, default=0.5,
                         help="Fraction of each block used for the inner step (default: 0.5).")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Inner learning rate on the summed loss.")
-    parser.add_argument("--n-layers", type=int, default=None, help="Update the top N layers (default: all).")
-    parser.add_argument("--num-prefixes", type=int, default=16, help="TinT prefix embeddings (default: 16).")
+    parser.add_argument("--lr", type=learning_rate, default=1e-3, help="Inner learning rate on the summed loss.")
+    parser.add_argument("--n-layers", type=at_least(1), default=None, help="Update the top N layers (default: all).")
+    parser.add_argument("--num-prefixes", type=at_least(1), default=16, help="TinT prefix embeddings (default: 16).")
     parser.add_argument("--seed", type=int, default=0)
 
 

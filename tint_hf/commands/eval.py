@@ -21,6 +21,7 @@ from ..evaluation.report import markdown_table, write_results
 from ..evaluation.scoring import CALIBRATIONS
 from ..runstore import RunStore, fingerprint_json, fingerprint_model, fingerprint_tokenizer, versions
 from ..simulate import Approximations
+from .arguments import at_least, comma_list, learning_rate_or_zero
 
 HELP = "Few-shot evaluation (standard ICL, dynamic evaluation, TinT) with one scorer; writes JSON/JSONL/MD/PNG."
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -49,14 +50,6 @@ RESULT_FILES = ("results.json", "predictions.jsonl", "summary.md", "accuracy.png
 # mode, or fill in a column) while the cells already there stay valid. Everything else must match.
 CELL_SELECTION = ("tasks", "modes", "shots", "seeds", "layers", "n_steps", "loss", "variant", "tint_approximations",
                   "train_on_query", "preset")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x)
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -110,20 +103,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tint-model", default=None,
                        help="TinT checkpoint for the tint mode (`tint-hf build`); default: built here from --model "
                             "for every --layers value.")
-    group.add_argument("--num-prefixes", type=int, default=None,
+    group.add_argument("--num-prefixes", type=at_least(1), default=None,
                        help="P when building TinT here (default: the divisor of d nearest d / 3).")
     adapt = parser.add_argument_group("adaptation (dynamic / tint)")
     adapt.add_argument("--modes", type=_choices(MODES), default=None, help=f"Comma-separated subset of {MODES}.")
-    adapt.add_argument("--lrs", type=_floats, default=None,
+    adapt.add_argument("--lrs", type=comma_list(learning_rate_or_zero, unique=True), default=None,
                        help="Learning rate(s) of the step on the SUMMED loss (default 1e-4); several -> chosen per "
                             "seed (--select).")
-    adapt.add_argument("--layers", type=_ints, default=None,
+    adapt.add_argument("--layers", type=comma_list(at_least(1), unique=True), default=None,
                        help="Update the top L decoder layers, one grid point per value, e.g. 3,6,12 (default: all).")
-    adapt.add_argument("--n-steps", type=int, default=None,
+    adapt.add_argument("--n-steps", type=at_least(1), default=None,
                        help="SGD steps (default: 12 / L for --layers L, as in the paper; 1 for all layers).")
     adapt.add_argument("--tint-approximations", action="store_true",
                        help="dynamic mode: TinT's approximate step (tint_step) instead of true SGD.")
-    adapt.add_argument("--batch-size", type=int, default=8)
+    adapt.add_argument("--batch-size", type=at_least(1), default=8)
     adapt.add_argument("--quiet", action="store_true", help="No progress bars.")
 
 
@@ -141,24 +134,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--text-field", default=None)
     data.add_argument("--label-field", default="label")
     proto = parser.add_argument_group("protocol")
-    proto.add_argument("--shots", type=_ints, default=None, help="Numbers of demonstrations (default 0,32).")
-    proto.add_argument("--seeds", type=_ints, default=None, help="Demonstration seeds (default 1,2,3).")
-    proto.add_argument("--template", type=int, default=None, help="Template id (default 0 = the TinT paper's).")
+    proto.add_argument("--shots", type=comma_list(at_least(0), unique=True), default=None, help="Numbers of demonstrations (default 0,32).")
+    proto.add_argument("--seeds", type=comma_list(at_least(0), unique=True), default=None, help="Demonstration seeds (default 1,2,3).")
+    proto.add_argument("--template", type=at_least(0), default=None, help="Template id (default 0 = the TinT paper's).")
     proto.add_argument("--calibration", choices=CALIBRATIONS, default=None, help="Default: none.")
-    proto.add_argument("--n-eval", type=int, default=None, help="Balanced test subset size (default 200).")
-    proto.add_argument("--n-dev", type=int, default=None,
+    proto.add_argument("--n-eval", type=at_least(1), default=None, help="Balanced test subset size (default 200).")
+    proto.add_argument("--n-dev", type=at_least(1), default=None,
                        help="Disjoint dev subset for choosing --lrs (default 100).")
     proto.add_argument("--select", choices=SELECTIONS, default=None,
                        help="Choose each seed's learning rate on the dev subset (default, ours), on the test subset "
                             "itself (the authors' scripts: an oracle number), or report both rows.")
-    proto.add_argument("--eval-seed", type=int, default=0)
+    proto.add_argument("--eval-seed", type=at_least(0), default=0)
     proto.add_argument("--unbalanced", action="store_true", help="Do not class-balance demonstrations and subsets.")
     proto.add_argument("--legacy-sampler", action="store_true", default=None,
                        help="NumPy RandomState permutations (the TinT authors' exact demonstrations and subsets).")
     proto.add_argument("--loss", type=_choices(("context", "label")), default=None,
                        help="Adaptation loss(es): every training token (context), the demonstrations' label words "
                             "only (label), or both as grid points: context,label.")
-    proto.add_argument("--label-lrs", type=_floats, default=None,
+    proto.add_argument("--label-lrs", type=comma_list(learning_rate_or_zero, unique=True), default=None,
                        help="Learning rates of the label loss (default: --lrs).")
     proto.add_argument("--variant", type=_choices(("concatenated", "single")), default=None,
                        help="dynamic and tint: demos in one sequence, then ICL (concatenated, multi-FT), or each demo "

@@ -16,6 +16,7 @@ from ..assets import sample_text
 from ..evaluation import DynamicSGD, PlainLM, TinTForward, block_perplexity, text_blocks
 from ..evaluation.report import environment
 from ..simulate import Approximations
+from .arguments import at_least, fraction
 from .eval import add_model_arguments, layer_grid, load_model, load_tint, resolve_defaults
 
 HELP = "Perplexity with in-context adaptation (icl = model as is, dynamic, tint) on blocks of a text corpus."
@@ -25,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--text-file", type=Path, default=None,
                         help="UTF-8 text corpus (default: the shipped CC0 State of the Union sample).")
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--train-fraction", type=float, default=0.5)
-    parser.add_argument("--max-blocks", type=int, default=None)
+    parser.add_argument("--block-size", type=at_least(2), default=256)
+    parser.add_argument("--train-fraction", type=fraction, default=0.5)
+    parser.add_argument("--max-blocks", type=at_least(1), default=None)
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
 
 

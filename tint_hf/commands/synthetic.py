@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..evaluation.report import environment
+from .arguments import Distinct, at_least, fraction, learning_rate, non_negative
 
 HELP = ("Synthetic ICL lab: 'regression' (a linear self-attention layer vs gradient descent), 'dynamics' (softmax vs "
         "mesa on linear dynamical systems) or 'plateau' (learning plateaus and three ways out).")
@@ -27,20 +28,20 @@ def _model_spec(text: str) -> tuple[str, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", choices=EXPERIMENTS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--seeds", type=at_least(0), nargs="+", action=Distinct, default=[0, 1, 2])
+    parser.add_argument("--steps", type=at_least(1), default=None,
                         help="Optimizer steps per run (default: regression 8000, dynamics 1500, plateau 3000).")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=at_least(1), default=None,
                         help="Sequences per step (default: regression 256, dynamics and plateau 64).")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant: plateaus are read off the curves).")
-    parser.add_argument("--models", type=_model_spec, nargs="+", default=None,
+    parser.add_argument("--lr", type=learning_rate, default=1e-3, help="AdamW learning rate (constant: plateaus are read off the curves).")
+    parser.add_argument("--models", type=_model_spec, nargs="+", action=Distinct, default=None,
                         help="dynamics: BACKBONE:LAYERS entries (default: softmax:1 softmax:2 softmax:4 mesa:1 mesa:2).")
-    parser.add_argument("--strategies", nargs="+", default=None,
+    parser.add_argument("--strategies", nargs="+", action=Distinct, default=None,
                         choices=("baseline", "warmup", "mix", "weights_loss"),
                         help="plateau: the training variants (default: all four).")
-    parser.add_argument("--warmup-steps-fixed", type=int, default=300, help="plateau: D_fix steps of 'warmup'.")
-    parser.add_argument("--mix-fraction", type=float, default=0.2, help="plateau: D_fix share of 'mix'.")
-    parser.add_argument("--weights-loss", type=float, default=0.1, help="plateau: weight of the auxiliary loss.")
+    parser.add_argument("--warmup-steps-fixed", type=at_least(0), default=300, help="plateau: D_fix steps of 'warmup'.")
+    parser.add_argument("--mix-fraction", type=fraction, default=0.2, help="plateau: D_fix share of 'mix'.")
+    parser.add_argument("--weights-loss", type=non_negative, default=0.1, help="plateau: weight of the auxiliary loss.")
     parser.add_argument("--out", type=Path, default=Path("synthetic_results"), help="Output folder.")
     parser.add_argument("--no-plot", action="store_true", help="Skip the PNG (no matplotlib needed).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -49,8 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..synthetic import experiments
 
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be positive, got {args.steps}.")
     if args.models is not None and args.experiment != "dynamics":
         raise ValueError("--models applies to the dynamics experiment only.")
     if args.strategies is not None and args.experiment != "plateau":
