@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"--out {args.out} is a file; give a folder for the checkpoint.")
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"--out {args.out} exists and is not empty; choose a new folder.")
     start = time.perf_counter()

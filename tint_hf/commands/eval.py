@@ -170,13 +170,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="Skip accuracy.png (needs tint_hf[plot]).")
 
 
+def loaded(option: str, name: str, load, **kwargs):
+    """``load(name, **kwargs)``, with a failure on a name that is no local folder reported as such (transformers
+    would say "Repo id must be in the form ..." or try the network)."""
+    try:
+        result = load(name, **kwargs)
+    except Exception as error:
+        if Path(name).exists():
+            raise
+        raise FileNotFoundError(f"{option} {name}: no such local folder, and it did not load as a Hub id "
+                                f"({type(error).__name__}: {str(error)[:200]}). Give a folder with config.json "
+                                "(e.g. written by save_pretrained) or a Hub id on a machine with internet.") from None
+    return result.eval() if hasattr(result, "eval") and callable(getattr(result, "parameters", None)) else result
+
+
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
     """The causal LM (eval mode) and its tokenizer (pad token set)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], **gguf).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **({} if args.tokenizer else gguf))
+    model = loaded("--model", args.model, AutoModelForCausalLM.from_pretrained, dtype=DTYPES[args.dtype], **gguf)
+    tokenizer = loaded("--tokenizer" if args.tokenizer else "--model", args.tokenizer or args.model,
+                       AutoTokenizer.from_pretrained, **({} if args.tokenizer else gguf))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -192,7 +207,12 @@ def load_tint(args: argparse.Namespace, model: nn.Module) -> TintSource | None:
     if args.tint_model:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(args.tint_model, dtype=DTYPES[args.dtype]).eval()
+        tint = loaded("--tint-model", args.tint_model, AutoModelForCausalLM.from_pretrained, dtype=DTYPES[args.dtype])
+        if not isinstance(tint, TinTForCausalLM):
+            raise ValueError(f"--tint-model {args.tint_model} holds a {type(tint).__name__}, not a TinT checkpoint; "
+                             f"build one from --model with `tint-hf build --aux {args.model} --out DIR`, or drop "
+                             "--tint-model to build it here.")
+        return tint
 
     def build(n_layers: int | None, n_steps: int) -> nn.Module:
         return TinTForCausalLM.from_auxiliary(model, num_prefixes=args.num_prefixes, n_simulation_layers=n_layers,

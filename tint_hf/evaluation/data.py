@@ -51,7 +51,14 @@ def _read_file(path: Path) -> list[Mapping]:
     if suffix not in FILE_FORMATS:
         raise DataError(f"Unsupported data file {path}: use one of {', '.join(FILE_FORMATS)} or a save_to_disk folder.")
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    return list(datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train", **kwargs))
+    if path.stat().st_size == 0:
+        raise DataError(f"Data file {path} is empty; write the examples into it (one per line or row).")
+    try:
+        return list(datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train", **kwargs))
+    except Exception as error:  # broken JSON, bad encoding, ragged CSV, ...: the reader's message names no file
+        raise DataError(f"Data file {path} could not be read as {FILE_FORMATS[suffix]} ({type(error).__name__}: "
+                        f"{str(error)[:300]}); check that it is UTF-8 {suffix[1:]} with a text and a label "
+                        "column.") from None
 
 
 def _read_saved(path: Path, split_names: Iterable[str] | None) -> Iterable[Mapping]:
@@ -66,15 +73,16 @@ def _read_saved(path: Path, split_names: Iterable[str] | None) -> Iterable[Mappi
     raise DataError(f"The saved DatasetDict at {path} has splits {list(loaded)}, none of {list(split_names or [])}.")
 
 
-def _find_local(task: Task, split: str, data_dir: Path) -> list[Mapping]:
+def _find_local(task: Task, split: str, data_dir: Path) -> tuple[list[Mapping], Path]:
+    """The rows of ``task``'s ``split`` under ``data_dir`` and the file (or folder) they came from."""
     folder = data_dir / task.name
     names = SPLIT_FILE_NAMES[split]
     for name in names:
         for suffix in FILE_FORMATS:
             if (folder / f"{name}{suffix}").exists():
-                return _read_file(folder / f"{name}{suffix}")
+                return _read_file(folder / f"{name}{suffix}"), folder / f"{name}{suffix}"
     if (folder / "dataset_dict.json").exists():
-        return list(_read_saved(folder, names))
+        return list(_read_saved(folder, names)), folder
     raise DataError(f"No {split} data for {task.name} under {folder}: expected {folder}/{names[0]}.jsonl "
                     f"(or .csv/.tsv/.parquet, or a save_to_disk folder). Create it with "
                     f"`tint-hf prepare-data --tasks {task.name} --out {data_dir}` on a machine with internet.")
@@ -116,14 +124,18 @@ def rows_to_examples(rows: list[Mapping], task: Task, source: str, text_field: s
         raise DataError(f"{source} has no label column {label_field!r} (columns: {columns}); pass --label-field NAME.")
     lookup = label_lookup(task)
     examples, unknown = [], set()
-    for row in rows:
+    for number, row in enumerate(rows, 1):
+        text = row[text_col]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{source}, row {number}: the text ({text_col!r}) is {text!r}; every example needs a "
+                            "non-empty text (drop or fix that row).")
         value = row[label_field]
         key = str(int(value)) if isinstance(value, (bool, int, float)) and float(value).is_integer() else str(value)
         label = lookup.get(key.strip().lower())
         if label is None:
             unknown.add(value)
             continue
-        examples.append(Example(normalize_text(row[text_col]), label))
+        examples.append(Example(normalize_text(text), label))
     if unknown:
         raise DataError(f"{source} has labels {sorted(map(str, unknown))[:10]} that are not classes of {task.name}: "
                         f"use 0..{task.num_classes - 1} or one of {list(task.label_names)}.")
@@ -141,7 +153,8 @@ def load_examples(task: Task, split: str, *, data_dir: str | Path | None = None,
     if file is not None:
         rows, source = _read_file(Path(file)), str(file)
     elif data_dir is not None:
-        rows, source = _find_local(task, split, Path(data_dir)), f"{data_dir}/{task.name} ({split})"
+        rows, found = _find_local(task, split, Path(data_dir))
+        source = f"{found} ({task.name} {split})"
     elif hub:
         rows, source = _read_hub(task, split), f"{task.hub.path} ({split})"
         text_field = text_field or task.hub.text_field

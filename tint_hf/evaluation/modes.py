@@ -89,6 +89,24 @@ def forward_sharing_prefix(model: nn.Module, params: dict[str, torch.Tensor], in
     return torch.cat([head.logits[:, logits_from:].expand(batch, -1, -1), tail.logits], dim=1)
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The longest input ``model`` takes (its position table or trained context; None if the config has none)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def check_fits(mode, length: int, fix: str) -> None:
+    """Raise if rows of ``length`` tokens are longer than ``mode.model`` takes, with the length, the limit and
+    ``fix`` (instead of an IndexError deep inside the position embedding)."""
+    limit = position_limit(getattr(mode, "model", None))
+    if limit is not None and length > limit:
+        raise ValueError(f"Inputs of {length} tokens are longer than {type(mode.model).__name__} takes "
+                         f"({limit} positions, max_position_embeddings); {fix}.")
+
+
 def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
     """Right-pad (ids, train_mask, label_mask) triples into a :class:`Batch`."""
     width = max(len(ids) for ids, _, _ in rows)

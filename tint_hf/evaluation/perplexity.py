@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..assets import sample_speeches
 from ..simulate import build_target_masks, next_token_nll
-from .modes import Batch
+from .modes import Batch, check_fits
 from .scoring import Mode
 
 
@@ -64,6 +64,7 @@ def train_mask_for(blocks: torch.Tensor, train_fraction: float) -> torch.Tensor:
 def block_perplexity(mode: Mode, blocks: torch.Tensor, train_fraction: float, *, batch_size: int = 4,
                      desc: str = "perplexity", progress: bool = True) -> dict:
     """Evaluation-part NLL and perplexity of ``blocks`` under ``mode``: dict with nll, tokens, perplexity."""
+    check_fits(mode, blocks.shape[1], "use a block size <= the model's positions (--block-size)")
     train = train_mask_for(blocks, train_fraction)
     total_nll, total_tokens = 0.0, 0
     for first in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", disable=not progress):

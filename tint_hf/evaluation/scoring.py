@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .modes import Batch, pad_rows
+from .modes import Batch, check_fits, pad_rows
 from .prompts import Context
 
 CALIBRATIONS = ("none", "icl_sfc", "contextual")
@@ -35,6 +35,8 @@ def candidate_log_probs(mode: Mode, contexts: Sequence[Context], candidates: Seq
     """s(candidate | context) for every context and candidate: (N, C) float64."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    if not contexts:
+        raise ValueError("No contexts to score: the evaluation subset is empty.")
     rows: dict[tuple, int] = {}
     requests = []  # (context n, candidate c, row index, first scored position)
     for n, ctx in enumerate(contexts):
@@ -43,6 +45,8 @@ def candidate_log_probs(mode: Mode, contexts: Sequence[Context], candidates: Seq
             row = (ctx.input_ids + tuple(cand[:-1]), ctx.train_mask + zeros, ctx.label_mask + zeros)
             requests.append((n, c, rows.setdefault(row, len(rows)), len(ctx.input_ids) - 1))
     row_list = list(rows)
+    check_fits(mode, max((len(row[0]) for row in row_list), default=0),
+               "use fewer shots (--shots), a shorter template, or a model with a longer context")
     needed: dict[int, list[tuple[int, int, int]]] = {}
     for n, c, r, start in requests:
         needed.setdefault(r, []).append((n, c, start))

@@ -317,9 +317,7 @@ def check_packed_inputs(attention_mask: torch.Tensor | None, position_ids: torch
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Refuse ids that are not (batch, length) or lie outside the vocabulary, naming the argument."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
+    """Refuse ids that lie outside the vocabulary, naming the argument."""
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
         raise ValueError(
             f"input_ids must lie in [0, vocab_size={vocab_size}); got values in "
@@ -362,6 +360,10 @@ def prepare_mesa_inputs(model: nn.Module, model_name: str, input_ids: torch.Tens
     check_forward_kwargs(kwargs, model_name)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+    name, given, dims = ("input_ids", input_ids, 2) if input_ids is not None else ("inputs_embeds", inputs_embeds, 3)
+    if given.dim() != dims or 0 in given.shape[:2]:
+        raise ValueError(f"{name} must be ({'batch, length' + ', hidden' * (dims == 3)}) with batch >= 1 and length "
+                         f">= 1, got shape {tuple(given.shape)}.")
     if input_ids is not None:
         check_input_ids(input_ids, model.config.vocab_size)
         inputs_embeds = model.embed_tokens(input_ids)
