@@ -106,3 +106,21 @@ def test_a_changed_block_size_on_resume_of_convert_mesa_is_refused(tmp_path, gpt
     args[args.index("--block-size") + 1] = "32"
     with pytest.raises(ValueError, match=r"computed from another train_blocks"):
         main(args)
+
+
+@pytest.mark.parametrize("model_fn", [lambda: MesaOPTForCausalLM.from_opt(tiny_opt(), mesa_layers=[1]),
+                                      lambda: MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[1])],
+                         ids=["opt", "llama"])
+def test_packed_positions_with_an_attention_mask_are_refused_by_the_mesa_models(model_fn):
+    """Packed documents (positions restarting inside a row) with an attention_mask would attend to each other, as
+    HF's Llama lets them: refused. Without the mask they are separated (tested in the model tests); left padding with
+    a mask (positions restarting only across padding) stays fine."""
+    model = model_fn()
+    ids = torch.randint(3, 60, (1, 8))
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="position_ids restart inside a row .* attention_mask"):
+        model(ids, attention_mask=torch.ones_like(ids), position_ids=packed)
+    model(ids, position_ids=packed)  # packed without a mask: per-document
+    padded = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+    positions = (padded.cumsum(-1) - 1).clamp(min=0).masked_fill(padded == 0, 1)
+    model(ids, attention_mask=padded, position_ids=positions)

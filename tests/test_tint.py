@@ -572,3 +572,95 @@ def test_gpt2_left_padding_and_n_inner_match_hf_given_its_positions(n_inner):
     for row in (0, 2):  # no left padding: HF's own positions are the same
         assert rel(before[row][real[row]], unpositioned[row][real[row]]) < 1e-12
     assert rel(before[1][real[1]], unpositioned[1][real[1]]) > 0.1
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_gradients_flow_through_adapt_as_through_the_one_pass(family):
+    """Meta-training written as ``model(q, adaptation=model.adapt(d))`` gets the one pass's gradient (adapt used to
+    be no_grad, so the simulated step was a constant); under no_grad adapt keeps no graph."""
+    _, tint = build(family)
+    gen = torch.Generator().manual_seed(11)
+    demos, query = torch.randint(3, 64, (1, 7), generator=gen), torch.randint(3, 64, (1, 5), generator=gen)
+    weights = torch.randn(1, 5, 64, generator=gen, dtype=torch.float64)
+    ids = torch.cat([demos, query], dim=1)
+    segments = torch.cat([torch.zeros_like(demos), torch.ones_like(query)], dim=1)
+    grads = []
+    for split in (False, True):
+        tint.zero_grad()
+        if split:
+            logits = tint(query, adaptation=tint.adapt(demos)).logits
+        else:
+            logits = tint(ids, None, (segments == 0).long(), segment_ids=segments).logits[:, -5:]
+        (logits * weights).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in tint.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12, msg=name)
+    step = [k for k in grads[0] if k.startswith("model.layers.1.")]  # a simulated layer's prefixes
+    assert step and any(grads[0][k].abs().sum() > 0 for k in step)
+    with torch.no_grad():
+        assert tint.adapt(demos).final_prefix.grad_fn is None
+
+
+def test_an_adaptation_from_another_model_or_an_older_state_is_refused():
+    _, tint = build("opt")
+    _, other = build("opt", n_simulation_layers=1)
+    ids = torch.randint(3, 64, (1, 6))
+    adaptation = tint.adapt(ids)
+    with pytest.raises(ValueError, match="made by another TinT model"):
+        other(ids, adaptation=adaptation)
+    _, same_shape = build("opt")  # equal weights, another object: its adaptations are its own
+    with pytest.raises(ValueError, match="made by another TinT model"):
+        same_shape(ids, adaptation=adaptation)
+    with torch.no_grad():
+        tint.model.final_norm_prefix.add_(0.0)  # an in-place change to a weight (as an optimizer step makes)
+    with pytest.raises(ValueError, match="before its weights"):
+        tint(ids, adaptation=adaptation)
+    assert torch.isfinite(tint(ids, adaptation=tint.adapt(ids)).logits).all()
+    with pytest.raises(ValueError, match="dtype"):
+        tint.float()(ids, adaptation=adaptation)
+
+
+def test_adapt_without_a_training_target_warns():
+    _, tint = build("opt")
+    ids = torch.randint(3, 64, (2, 6))
+    with pytest.warns(UserWarning, match="no training target"):
+        tint.adapt(ids, train_mask=torch.zeros_like(ids))
+
+
+def test_a_nan_in_one_row_leaves_the_other_rows_alone():
+    """Rows are independent through the step and the prediction: a NaN in one row's hidden states (here injected
+    at the embedding output) stays in that row, with the step, with a per-row adaptation and before the step."""
+    _, tint = build("llama")
+    ids, attn, train = batch(seed=3)
+    clean = tint(ids, attn, train, return_logits_before=True)
+
+    def poison(module, args, output):
+        output = output.clone()
+        output[0, 5] = float("nan")
+        return output
+
+    handle = tint.model.embed_tokens.register_forward_hook(poison)
+    try:
+        out = tint(ids, attn, train, return_logits_before=True)
+        split = tint(ids, attn, adaptation=tint.adapt(ids, attn, train)).logits
+    finally:
+        handle.remove()
+    for logits, reference in ((out.logits, clean.logits), (out.logits_before, clean.logits_before),
+                              (split, clean.logits)):
+        assert torch.isnan(logits[0]).any()
+        torch.testing.assert_close(logits[1:], reference[1:], rtol=1e-12, atol=1e-12)
+
+
+def test_packed_positions_need_segment_ids():
+    """position_ids restarting inside a row mark packed documents; TinT only separates documents by segment_ids, so
+    without them the documents would attend to each other: refused (with or without an attention_mask)."""
+    _, tint = build("opt")
+    ids = torch.randint(3, 64, (1, 8))
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    for attention_mask in (None, torch.ones_like(ids)):
+        with pytest.raises(ValueError, match="position_ids restart inside a row.*segment_ids"):
+            tint(ids, attention_mask, position_ids=packed)
+    segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    torch.testing.assert_close(tint(ids, position_ids=packed, segment_ids=segments).logits,
+                               tint(ids, segment_ids=segments).logits)

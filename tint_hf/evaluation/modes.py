@@ -233,9 +233,10 @@ class TinTForward:
         """The single-FT step on the demonstrations, taken on first use and kept for every later batch."""
         if self._adaptation is None:
             demos, segments = _pack_segments(self.demonstrations)
-            self._adaptation = self.model.adapt(
-                demos.input_ids, demos.attention_mask, demos.train_mask,
-                demos.loss_mask if self.label_loss else None, inner_lr=self.inner_lr, segment_ids=segments)
+            with torch.no_grad():
+                self._adaptation = self.model.adapt(
+                    demos.input_ids, demos.attention_mask, demos.train_mask,
+                    demos.loss_mask if self.label_loss else None, inner_lr=self.inner_lr, segment_ids=segments)
         return self._adaptation
 
     def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:

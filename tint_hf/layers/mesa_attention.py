@@ -306,8 +306,19 @@ def packed_document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
 def check_packed_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                         cache: Cache | None, use_cache: bool | None) -> torch.Tensor | None:
     """The packed documents' first tokens (:func:`packed_document_starts`) when ``position_ids`` restart inside a
-    row and there is no ``attention_mask``; packed inputs take no cache (refused when one is asked for)."""
-    if attention_mask is not None or position_ids is None:
+    row and there is no ``attention_mask``; packed inputs take no cache (refused when one is asked for). Positions
+    that restart between two real tokens of a row *with* an ``attention_mask`` are refused: the mask would let the
+    documents attend to each other (HF's Llama silently does), so a packed batch must come without one."""
+    if position_ids is None:
+        return None
+    if attention_mask is not None:
+        if position_ids.shape[-1] == attention_mask.shape[-1] and position_ids.shape[-1] > 1:
+            real = attention_mask.bool()
+            restart = (position_ids[:, 1:] <= position_ids[:, :-1]) & real[:, 1:] & real[:, :-1]
+            if bool(restart.any()):
+                raise ValueError("position_ids restart inside a row (packed documents) while an attention_mask is "
+                                 "given, which would let the documents attend to each other: pass packed documents "
+                                 "without attention_mask (as DataCollatorWithFlattening does), or one per row.")
         return None
     resets = packed_document_starts(position_ids)
     if resets is not None and (cache is not None or use_cache):

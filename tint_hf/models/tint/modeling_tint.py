@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ class TinTAdaptation:
 
     prefixes: list[dict[str, torch.Tensor]]
     final_prefix: torch.Tensor
+    origin: tuple = ()  # TinTModel.origin() of the model that made it, checked when it is used
 
     @property
     def rows(self) -> int:
@@ -173,6 +175,10 @@ class TinTModel(TinTPreTrainedModel):
         """Arguments as :meth:`TinTForCausalLM.forward`; returns final-LN outputs of the kept positions."""
         if adaptation is not None:
             train_mask = _no_step_arguments(input_ids, adaptation, train_mask, loss_mask, inner_lr)
+            if adaptation.origin != self.origin():
+                raise ValueError("This adaptation was made by another TinT model, or by this one before its weights, "
+                                 "dtype, device or simulated layers changed: its prefixes would be read as the wrong "
+                                 "weights. Call adapt(...) on this model (after the change) and pass that.")
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
         start = _window_start(masks, logits_to_keep)
         lr = self.step_sizes(inner_lr, input_ids.shape[0])  # (B, 1)
@@ -186,7 +192,6 @@ class TinTModel(TinTPreTrainedModel):
         y = self._output_pass(continued, adaptation, context, start)
         return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before, eval_targets=masks.eval[:, start:])
 
-    @torch.no_grad()
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
@@ -198,19 +203,34 @@ class TinTModel(TinTPreTrainedModel):
         ``forward(x, adaptation=model.adapt(d, ...))`` equals the one pass on ``d`` and ``x`` packed as segments
         (``segment_ids``) or, for a ``d`` that is a prefix of ``x``, the one pass on ``x`` with ``train_mask`` on
         ``d``: the step depends on nothing after its last training target.
+
+        It follows torch's grad mode like ``forward``: under ``torch.no_grad()`` it keeps no graph; otherwise a loss
+        computed with ``forward(x, adaptation=...)`` back-propagates through the simulated step (meta-training), as
+        the one pass does. The adaptation remembers the model that made it; another model refuses it.
         """
         if train_mask is None:
             train_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
+        if gradient_span(masks) <= 1:
+            warnings.warn("adapt() found no training target (train_mask / loss_mask leave no next-token target): "
+                          "the adaptation is the model's own weights.", stacklevel=2)
         lr = self.step_sizes(inner_lr, input_ids.shape[0])
         continued, context = self._lower_layers(input_ids, masks, lr)
         return self._step(input_ids, masks, lr, continued, context)
+
+    def origin(self) -> tuple:
+        """What an adaptation made by this model depends on: the model object, its dtype and device, the simulated
+        layers, and the versions of its parameters (any in-place change to a weight, e.g. an optimizer step, makes
+        earlier adaptations stale)."""
+        weight = self.embed_tokens.weight
+        return (id(self), weight.dtype, weight.device, self.config.n_simulation_layers,
+                sum(p._version for p in self.parameters()))
 
     def initial_adaptation(self, hidden: torch.Tensor) -> TinTAdaptation:
         """The auxiliary weights before any step (shared, R = 1)."""
         L, n = self.spec.num_layers, self.config.n_simulation_layers
         return TinTAdaptation([layer.initial_prefixes(hidden) for layer in self.layers[L - n:]],
-                              self.final_norm_prefix.unsqueeze(0))
+                              self.final_norm_prefix.unsqueeze(0), self.origin())
 
     def _lower_layers(self, input_ids: torch.Tensor, masks: TargetMasks,
                       lr: torch.Tensor) -> tuple[torch.Tensor, StepContext]:
@@ -246,7 +266,7 @@ class TinTModel(TinTPreTrainedModel):
         step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
         for _ in range(self.config.n_steps):
             y, memories, final_x_hat, final_x = self._simulated_forward(
-                continued[rows, :span], TinTAdaptation(prefixes, final_prefix), step_context)
+                continued[rows, :span], TinTAdaptation(prefixes, final_prefix, adaptation.origin), step_context)
             # Gradient module: loss gradient at the final-LN output, final LN backward + descent.
             grad = self.loss_gradient(y, self.embed_tokens.weight, step_ids, masks.train[rows, : span - 1])
             grad, final_prefix = self.final_norm.backward_descent(
@@ -255,7 +275,7 @@ class TinTModel(TinTPreTrainedModel):
             for i in reversed(range(self.config.n_simulation_layers)):
                 grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
         return TinTAdaptation([{slot: _per_row(p, group) for slot, p in layer.items()} for layer in prefixes],
-                              _per_row(final_prefix, group))
+                              _per_row(final_prefix, group), adaptation.origin)
 
     def _output_pass(self, hidden, adaptation: TinTAdaptation, context, start: int) -> torch.Tensor:
         """Final-LN outputs of positions ``start:``; when earlier segments are not needed, only those positions run."""
@@ -311,6 +331,13 @@ class TinTModel(TinTPreTrainedModel):
         if position_ids is not None and (position_ids.min() < 0 or position_ids.max() >= self.spec.max_positions):
             raise ValueError(f"position_ids must lie in [0, {self.spec.max_positions}) (the auxiliary position "
                              f"table), got values in [{int(position_ids.min())}, {int(position_ids.max())}].")
+        if position_ids is not None and segment_ids is None and position_ids.shape == input_ids.shape:
+            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            restart = (position_ids[:, 1:] <= position_ids[:, :-1]) & real[:, 1:] & real[:, :-1]
+            if bool(restart.any()):
+                raise ValueError("position_ids restart inside a row (packed documents), but without segment_ids "
+                                 "TinT lets every token attend to the whole row: pass segment_ids numbering the "
+                                 "documents (positions then restart by themselves), or one document per row.")
         if train_mask is None:
             train_mask = self.default_train_mask(input_ids, attention_mask)
         return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
