@@ -93,32 +93,42 @@ def gpt2_tokenizer():
     return load_gpt2_tokenizer()
 
 
-def generate_in_a_process_without_tint_hf(checkpoint, ids: torch.Tensor, mask: torch.Tensor | None, tmp_path,
-                                          max_new_tokens: int = 4) -> list:
-    """Greedy ``generate`` of ``checkpoint`` loaded with ``trust_remote_code=True`` in a fresh process in which
-    importing tint_hf fails, so that only the code saved with the checkpoint can run; returns the ids as lists."""
-    import json
+def run_without_tint_hf(body: str, tmp_path) -> str:
+    """Run the Python ``body`` in a fresh process in which importing tint_hf fails (so only code saved with a
+    checkpoint can run), offline; returns its stdout."""
     import os
     import subprocess
     import sys
     import textwrap
 
-    mask_arg = "" if mask is None else f", attention_mask=torch.tensor({mask.tolist()})"
-    script = textwrap.dedent(f"""
-        import sys, torch
+    script = textwrap.dedent("""
+        import sys
         class _BlockTintHF:
             def find_spec(self, name, path=None, target=None):
                 if name == "tint_hf" or name.startswith("tint_hf."):
                     raise ImportError("tint_hf is blocked in this process")
         sys.meta_path.insert(0, _BlockTintHF())
+    """) + textwrap.dedent(body)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def generate_in_a_process_without_tint_hf(checkpoint, ids: torch.Tensor, mask: torch.Tensor | None, tmp_path,
+                                          max_new_tokens: int = 4) -> list:
+    """Greedy ``generate`` of ``checkpoint`` loaded with ``trust_remote_code=True`` in a process without tint_hf
+    (:func:`run_without_tint_hf`); returns the ids as lists."""
+    import json
+
+    mask_arg = "" if mask is None else f", attention_mask=torch.tensor({mask.tolist()})"
+    stdout = run_without_tint_hf(f"""
+        import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True, dtype=torch.float64)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         out = model.generate(torch.tensor({ids.tolist()}){mask_arg}, max_new_tokens={max_new_tokens}, do_sample=False)
         print(out.tolist())
-    """)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """, tmp_path)
+    return json.loads(stdout.strip().splitlines()[-1])

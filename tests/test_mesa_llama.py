@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import generate_in_a_process_without_tint_hf, tiny_llama, tiny_opt
+from conftest import generate_in_a_process_without_tint_hf, run_without_tint_hf, tiny_llama, tiny_opt
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from tint_hf import MesaLlamaConfig, MesaLlamaForCausalLM
@@ -154,7 +154,7 @@ def test_save_load_round_trip_and_training_gradients(tmp_path):
 
 
 @pytest.mark.slow
-def test_remote_code_loads_without_tint_hf(tmp_path):
+def test_remote_code_loads_without_tint_hf(tmp_path, gpt2_tokenizer):
     model = MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[0], short_conv_size=4)
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -162,6 +162,14 @@ def test_remote_code_loads_without_tint_hf(tmp_path):
     ids = left_padded()[0]
     expected = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert generate_in_a_process_without_tint_hf(tmp_path / "ckpt", ids, None, tmp_path) == expected.tolist()
+    # the tokenizer of the folder loads without trust_remote_code (transformers falls back to a plain config,
+    # which refused the "mesa" layer types that config.json used to list)
+    gpt2_tokenizer.save_pretrained(tmp_path / "ckpt")
+    out = run_without_tint_hf(f"""
+        from transformers import AutoTokenizer
+        print(type(AutoTokenizer.from_pretrained({str(tmp_path / "ckpt")!r})).__name__)
+    """, tmp_path)
+    assert out.strip().endswith("GPT2Tokenizer")  # after transformers' remote-code prompt, answered "no"
 
 
 def test_bad_inputs_name_the_argument():
@@ -170,7 +178,5 @@ def test_bad_inputs_name_the_argument():
         model(torch.tensor([[1, 64]]))
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
-    with pytest.raises(TypeError, match="cache="):
-        model(torch.tensor([[1, 2]]), past_key_values=None)
     with pytest.raises(ValueError, match="outside the 2 decoder layers"):
         MesaLlamaConfig(num_hidden_layers=2, mesa_layers=[2])

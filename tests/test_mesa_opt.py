@@ -282,8 +282,6 @@ def test_training_builds_no_cache_and_unknown_arguments_raise():
     assert model.eval()(ids, attention_mask=mask).cache is not None  # config.use_cache at inference
     assert model.train()(ids, attention_mask=mask).cache is None
     model.eval()
-    with pytest.raises(TypeError, match="cache="):
-        model(ids, past_key_values=DynamicCache())
     with pytest.raises(TypeError, match="seq_idx"):
         model(ids, seq_idx=torch.zeros_like(ids))
     with pytest.raises(ValueError, match="output_attentions"):

@@ -346,7 +346,10 @@ def mesa_cache(cache: Cache | None, config) -> Cache:
         if is_mesa == [layer_type == "mesa" for layer_type in config.layer_types]:
             return cache
         if cache.get_seq_length() > 0:
-            raise ValueError("A mesa model needs a cache made by DynamicCache(config=model.config) (mesa state layers).")
+            raise ValueError("This cache holds keys and values for every layer (e.g. from peft prefix tuning), but "
+                             "mesa layers keep a state, not keys and values: pass a cache made by "
+                             "DynamicCache(config=model.config), or none; prefix tuning works on models without mesa "
+                             "layers only.")
     return DynamicCache(config=config)
 
 

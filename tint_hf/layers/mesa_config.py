@@ -37,7 +37,8 @@ class MesaConfigMixin:
         mesa_backend: ``"torch"`` (pure PyTorch, any device), ``"fla"`` (flash-linear-attention kernels, CUDA; only
             solver ``"cg"``, head width <= 128, no packed sequences; refused otherwise) or ``"auto"`` (fla when
             importable, on CUDA and applicable, else torch).
-        layer_types: derived, one of ``"mesa"`` / ``"full_attention"`` per layer (sets up the generation cache).
+        layer_types: derived, one of ``"mesa"`` / ``"full_attention"`` per layer (sets up the generation cache);
+            not saved (recomputed from ``mesa_layers`` on load).
     """
 
     mesa_layers: list[int] | str = "all"
@@ -93,6 +94,14 @@ class MesaConfigMixin:
             raise ValueError(f"short_conv_size must be 0 (off) or >= 2 (MesaNet: 4), got {self.short_conv_size}.")
         if len(self.forget_gate_windows) != 2 or not 1 < self.forget_gate_windows[0] <= self.forget_gate_windows[1]:
             raise ValueError(f"forget_gate_windows must be (shortest, longest) > 1, got {self.forget_gate_windows}.")
+
+    def to_dict(self) -> dict:
+        """The config as saved: without ``layer_types``, which is derived from ``mesa_layers`` on load. (Its
+        ``"mesa"`` entries are no layer type transformers knows, so a folder that listed them failed to load in
+        code without this class, e.g. ``AutoTokenizer.from_pretrained(folder)`` without ``trust_remote_code``.)"""
+        output = super().to_dict()
+        output.pop("layer_types", None)
+        return output
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)

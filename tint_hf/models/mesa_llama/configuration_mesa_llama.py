@@ -21,6 +21,10 @@ class MesaLlamaConfig(MesaConfigMixin, LlamaConfig):
     """
 
     model_type = "mesa_llama"
+    # No tensor / pipeline parallel plan: Llama's would shard q/k/v but not the per-head mesa parameters (gates,
+    # lambda, output norm) nor the tied head; from_pretrained(tp_plan=...) refuses a model without one.
+    base_model_tp_plan = None
+    base_model_pp_plan = None
 
     mesa_rope: bool = True
 

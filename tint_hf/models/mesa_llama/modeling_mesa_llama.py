@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mesa_llama import MesaLlamaConfig
 from .mesa_attention import (
@@ -126,6 +127,7 @@ class MesaLlamaModel(MesaLlamaPreTrainedModel):
         self.embed_tokens = value
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -144,6 +146,8 @@ class MesaLlamaModel(MesaLlamaPreTrainedModel):
         """
         prepared = prepare_mesa_inputs(self, "MesaLlama", input_ids, inputs_embeds, attention_mask, cache, use_cache,
                                        position_ids, kwargs)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         inputs_embeds, cache = prepared.inputs_embeds, prepared.cache
         batch, length = inputs_embeds.shape[:2]
         if position_ids is None:
@@ -205,6 +209,7 @@ class MesaLlamaForCausalLM(MesaLlamaPreTrainedModel, GenerationMixin):
         return mesa_model_from_base(cls, llama, **mesa_kwargs)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.opt.modeling_opt import OPTAttention, OPTLearnedPositionalEmbedding
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mesa_opt import MesaOPTConfig
 from .mesa_attention import (
@@ -151,6 +152,8 @@ class MesaOPTDecoder(nn.Module):
         """
         prepared = prepare_mesa_inputs(self, "MesaOPT", input_ids, inputs_embeds, attention_mask, cache, use_cache,
                                        position_ids, kwargs)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         inputs_embeds, cache, past_seen = prepared.inputs_embeds, prepared.cache, prepared.past_seen
         batch, length = inputs_embeds.shape[:2]
 
@@ -211,9 +214,22 @@ class MesaOPTModel(MesaOPTPreTrainedModel):
         self.decoder.embed_tokens = value
 
     @can_return_tuple
-    def forward(self, *args, **kwargs) -> BaseModelOutputWithPast:
-        """Same arguments as :meth:`MesaOPTDecoder.forward`."""
-        return self.decoder(*args, **kwargs)
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        """The decoder's outputs; arguments as :meth:`MesaOPTDecoder.forward`."""
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                            inputs_embeds=inputs_embeds, use_cache=use_cache, position_ids=position_ids,
+                            output_hidden_states=output_hidden_states, **kwargs)
 
 
 class MesaOPTForCausalLM(MesaOPTPreTrainedModel, GenerationMixin):
@@ -243,6 +259,7 @@ class MesaOPTForCausalLM(MesaOPTPreTrainedModel, GenerationMixin):
         return mesa_model_from_base(cls, opt, **mesa_kwargs)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

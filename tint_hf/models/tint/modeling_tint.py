@@ -135,6 +135,11 @@ class TinTPreTrainedModel(PreTrainedModel):
         self.config.weights_built_for = self.structure()
         return super().save_pretrained(*args, **kwargs)
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        """Refused: TinT's vocabulary is the auxiliary model's, and its prefixes and loss gradient are built for it."""
+        raise NotImplementedError("TinT's vocabulary is its auxiliary model's: resize the auxiliary model's token "
+                                  "embeddings, then rebuild with TinTForCausalLM.from_auxiliary.")
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """A randomly initialised TinT is not a simulator: build one with ``TinTForCausalLM.from_auxiliary``."""
@@ -171,8 +176,11 @@ class TinTModel(TinTPreTrainedModel):
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
                 return_hidden_before: bool = False, segment_ids: torch.Tensor | None = None,
-                logits_to_keep: int = 0, adaptation: TinTAdaptation | None = None) -> TinTModelOutput:
+                logits_to_keep: int = 0, adaptation: TinTAdaptation | None = None, return_dict: bool | None = None,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None
+                ) -> TinTModelOutput | tuple:
         """Arguments as :meth:`TinTForCausalLM.forward`; returns final-LN outputs of the kept positions."""
+        _refuse_outputs(self, output_hidden_states, output_attentions)
         if adaptation is not None:
             train_mask = _no_step_arguments(input_ids, adaptation, train_mask, loss_mask, inner_lr)
             if adaptation.origin != self.origin():
@@ -190,7 +198,9 @@ class TinTModel(TinTPreTrainedModel):
         if adaptation is None:
             adaptation = self._step(input_ids, masks, lr, continued, context)
         y = self._output_pass(continued, adaptation, context, start)
-        return TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before, eval_targets=masks.eval[:, start:])
+        output = TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before,
+                                 eval_targets=masks.eval[:, start:])
+        return _as_requested(self, output, return_dict)
 
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
@@ -421,14 +431,15 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 inner_lr: float | torch.Tensor | None = None, return_logits_before: bool = False,
                 segment_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
                 adaptation: TinTAdaptation | None = None, use_cache: bool | None = None,
                 return_dict: bool | None = None, output_hidden_states: bool | None = None,
-                output_attentions: bool | None = None) -> TinTCausalLMOutput | tuple:
+                output_attentions: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+                past_key_values=None) -> TinTCausalLMOutput | tuple:
         """One TinT pass: simulate, fine-tune on the training part, predict.
 
         Args:
@@ -454,13 +465,20 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
             return_dict: ``False`` returns ``output.to_tuple()`` (default ``config.return_dict``).
             output_hidden_states, output_attentions: not available (TinT's internal states are not the auxiliary
                 model's); ``True`` raises.
+            inputs_embeds, past_key_values: not available (the step reads the token ids, and TinT keeps no cache);
+                given, they raise (peft's prefix and prompt tuning pass them).
         """
-        for name, flag in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
-            if flag:
-                raise ValueError(f"TinTForCausalLM does not return {name.removeprefix('output_')}; drop {name}=True.")
+        if past_key_values is not None:
+            raise ValueError("TinT takes no past_key_values: it keeps no cache (each call simulates the whole "
+                             "sequence), so peft prefix tuning does not apply; adapt the prefix embeddings with "
+                             "LoRA (target_parameters) instead.")
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("TinT takes input_ids, not inputs_embeds: its inner step reads the auxiliary token ids "
+                             "(loss gradient, tied embedding).")
+        _refuse_outputs(self, output_hidden_states, output_attentions)
         out = self.model(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr,
                          return_hidden_before=return_logits_before, segment_ids=segment_ids,
-                         logits_to_keep=logits_to_keep, adaptation=adaptation)
+                         logits_to_keep=logits_to_keep, adaptation=adaptation, return_dict=True)
         logits = self.lm_head(out.last_hidden_state)
         logits_before = self.lm_head(out.hidden_state_before) if return_logits_before else None
         loss = loss_before = None
@@ -473,7 +491,7 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
             if logits_before is not None:
                 loss_before = _eval_loss(logits_before, labels, out.eval_targets)
         output = TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        return _as_requested(self, output, return_dict)
 
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
@@ -546,6 +564,19 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
             load_auxiliary_into(model.model, spec, config.num_prefixes, weights, progress)
         model.tie_weights()
         return model.eval()
+
+
+def _refuse_outputs(model: nn.Module, output_hidden_states: bool | None, output_attentions: bool | None) -> None:
+    """TinT's internal states are not the auxiliary model's: asking for them (argument or config) raises."""
+    for name, flag in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
+        if flag if flag is not None else getattr(model.config, name, False):
+            raise ValueError(f"{type(model).__name__} does not return {name.removeprefix('output_')}; drop "
+                             f"{name}=True (argument or config).")
+
+
+def _as_requested(model: nn.Module, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+    """``output``, or its tuple when ``return_dict`` (default ``config.return_dict``) is False."""
+    return output if (model.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 def _refuse_partial_load(what: str, info: dict) -> None:
