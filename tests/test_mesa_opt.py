@@ -151,7 +151,8 @@ def test_generate_with_cache_equals_without(mesa_layers):
 def test_assisted_decoding_is_refused():
     model = mesa_model(mesa_layers="all")
     ids, mask = batch_with_left_padding()
-    with pytest.raises(ValueError, match="stateful"):
+    # transformers refuses it (5.24: the model is stateful; 5.25: its cache cannot be cropped)
+    with pytest.raises(ValueError, match="stateful|cache that can be cropped"):
         model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, assistant_model=mesa_model())
     cache = model(ids, attention_mask=mask, use_cache=True).cache
     with pytest.raises(NotImplementedError):
