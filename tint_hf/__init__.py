@@ -3,10 +3,11 @@
 Importing the package registers its models with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM``.
 """
 
+from . import assets
 from .models.mesa_llama import MesaLlamaConfig, MesaLlamaForCausalLM, MesaLlamaModel
 from .models.mesa_opt import MesaOPTConfig, MesaOPTForCausalLM, MesaOPTModel
 from .models.tint import TinTAdaptation, TinTConfig, TinTForCausalLM, TinTModel
 
 __version__ = "0.1.0"
 
-__all__ = ["MesaLlamaConfig", "MesaLlamaForCausalLM", "MesaLlamaModel", "MesaOPTConfig", "MesaOPTForCausalLM", "MesaOPTModel", "TinTAdaptation", "TinTConfig", "TinTForCausalLM", "TinTModel"]
+__all__ = ["assets", "MesaLlamaConfig", "MesaLlamaForCausalLM", "MesaLlamaModel", "MesaOPTConfig", "MesaOPTForCausalLM", "MesaOPTModel", "TinTAdaptation", "TinTConfig", "TinTForCausalLM", "TinTModel"]
