@@ -439,7 +439,7 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 adaptation: TinTAdaptation | None = None, use_cache: bool | None = None,
                 return_dict: bool | None = None, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                past_key_values=None) -> TinTCausalLMOutput | tuple:
+                cache=None, past_key_values=None) -> TinTCausalLMOutput | tuple:
         """One TinT pass: simulate, fine-tune on the training part, predict.
 
         Args:
@@ -465,11 +465,11 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
             return_dict: ``False`` returns ``output.to_tuple()`` (default ``config.return_dict``).
             output_hidden_states, output_attentions: not available (TinT's internal states are not the auxiliary
                 model's); ``True`` raises.
-            inputs_embeds, past_key_values: not available (the step reads the token ids, and TinT keeps no cache);
-                given, they raise (peft's prefix and prompt tuning pass them).
+            inputs_embeds, cache / past_key_values: not available (the step reads the token ids, and TinT keeps no
+                cache); given, they raise (peft's prefix and prompt tuning pass them).
         """
-        if past_key_values is not None:
-            raise ValueError("TinT takes no past_key_values: it keeps no cache (each call simulates the whole "
+        if cache is not None or past_key_values is not None:
+            raise ValueError("TinT takes no past_key_values / cache: it keeps no cache (each call simulates the whole "
                              "sequence), so peft prefix tuning does not apply; adapt the prefix embeddings with "
                              "LoRA (target_parameters) instead.")
         if inputs_embeds is not None or input_ids is None:
