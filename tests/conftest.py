@@ -88,6 +88,13 @@ def llama_model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
+def save_tiny_gpt2(path, tokenizer, **overrides):
+    """A tiny float32 GPT-2 over the full GPT-2 vocabulary, saved with ``tokenizer`` to ``path`` (returned)."""
+    tiny_gpt2(vocab_size=50257, dtype=torch.float32, **overrides).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     return load_gpt2_tokenizer()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_opt
+from conftest import save_tiny_gpt2, tiny_llama, tiny_opt
 
 from tint_hf import MesaLlamaForCausalLM, MesaOPTForCausalLM
 from tint_hf.cli import console_main, main
@@ -32,10 +32,7 @@ def test_prompts_longer_than_the_positions_name_the_length_the_limit_and_the_fix
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, gpt2_tokenizer):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_gpt2(vocab_size=50257, n_positions=64, dtype=torch.float32).save_pretrained(path)
-    gpt2_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny"), gpt2_tokenizer, n_positions=64)
 
 
 def test_the_commands_report_over_long_inputs(checkpoint, tmp_path, capsys):

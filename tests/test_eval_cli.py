@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import tiny_gpt2
+from conftest import save_tiny_gpt2
 
 from tint_hf.cli import console_main, main
 from tint_hf.evaluation import disjoint_subsets, get_task, load_examples
@@ -22,10 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, gpt2_tokenizer):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_gpt2(vocab_size=50257, n_positions=256, dtype=torch.float32).save_pretrained(path)
-    gpt2_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny"), gpt2_tokenizer, n_positions=256)
 
 
 def test_eval_writes_consistent_results(checkpoint, tmp_path, capsys):

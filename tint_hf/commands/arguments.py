@@ -23,20 +23,21 @@ def finite_float(text: str) -> float:
     return value
 
 
-def learning_rate(text: str) -> float:
-    """A step size: finite and > 0 (a negative one would ascend the loss)."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a learning rate must be > 0 (a negative one ascends the loss)")
-    return value
+def bounded_below(low: float, inclusive: bool, what: str) -> Callable[[str], float]:
+    """A finite number > ``low`` (>= with ``inclusive``); ``what`` names it in the message."""
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be {'>=' if inclusive else '>'} {low:g}")
+        return value
+    parse.__name__ = what
+    return parse
 
 
-def learning_rate_or_zero(text: str) -> float:
-    """A step size, or 0 for a no-step control (the eval grids use it as the 'no update' point)."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a learning rate must be >= 0 (a negative one ascends the loss)")
-    return value
+# a step size (a negative one would ascend the loss); 0 only where it is a grid's no-step control
+learning_rate = bounded_below(0, False, "a learning rate (a negative one ascends the loss)")
+learning_rate_or_zero = bounded_below(0, True, "a learning rate (0: no step; a negative one ascends the loss)")
+non_negative = bounded_below(0, True, "this value")
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -58,13 +59,6 @@ def fraction(text: str) -> float:
     value = finite_float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must lie strictly between 0 and 1")
-    return value
-
-
-def non_negative(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
     return value
 
 
