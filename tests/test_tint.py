@@ -664,3 +664,39 @@ def test_packed_positions_need_segment_ids():
     segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
     torch.testing.assert_close(tint(ids, position_ids=packed, segment_ids=segments).logits,
                                tint(ids, segment_ids=segments).logits)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_adding_each_querys_step_to_the_demonstrations_step_is_the_joint_step(family):
+    """Single-FT with the query in the training part (the TinT authors' context loss): the step on the
+    demonstrations and a query packed as segments equals the demonstrations' step taken once plus the query's own
+    step (``adapt(..., add_to=)``), because one simulated step sums per-token terms at the original weights."""
+    _, tint = build(family)
+    gen = torch.Generator().manual_seed(12)
+    demos = [torch.randint(3, 64, (1, n), generator=gen) for n in (6, 4, 7)]
+    queries = torch.randint(3, 64, (3, 8), generator=gen)
+    query_train = torch.zeros_like(queries)
+    query_train[:, :5] = 1  # the query text trains; its last 3 tokens (the "option") are scored
+    packed = torch.cat(demos, dim=1)
+    segments = torch.cat([torch.full_like(x, i) for i, x in enumerate(demos)], dim=1)
+    demos_step = tint.adapt(packed, segment_ids=segments)
+    split = tint(queries, adaptation=tint.adapt(queries, train_mask=query_train, add_to=demos_step)).logits
+    joint = []
+    for query, train in zip(queries, query_train, strict=True):
+        ids = torch.cat([packed, query[None]], dim=1)
+        seg = torch.cat([segments, torch.full((1, query.shape[0]), len(demos))], dim=1)
+        mask = torch.cat([torch.ones_like(packed), train[None]], dim=1)
+        joint.append(tint(ids, None, mask, segment_ids=seg).logits[0, -query.shape[0]:])
+    assert rel(split, torch.stack(joint)) < 1e-12
+    without_query = tint(queries, adaptation=demos_step).logits
+    assert rel(split, without_query) > 1e-6  # the query's own step matters
+
+
+def test_add_to_refuses_what_it_cannot_sum():
+    _, tint = build("opt", n_steps=2)
+    ids = torch.randint(3, 64, (2, 6))
+    with pytest.raises(ValueError, match="n_steps == 1"):
+        tint.adapt(ids, add_to=tint.adapt(ids[:1]))
+    _, one_step = build("opt")
+    with pytest.raises(ValueError, match="add_to holds 2 updates for 3 rows"):
+        one_step.adapt(torch.randint(3, 64, (3, 6)), add_to=one_step.adapt(ids))

@@ -205,7 +205,7 @@ class TinTModel(TinTPreTrainedModel):
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
-              segment_ids: torch.Tensor | None = None) -> TinTAdaptation:
+              segment_ids: torch.Tensor | None = None, add_to: TinTAdaptation | None = None) -> TinTAdaptation:
         """Only the simulated step(s) on training sequences (B, T): the updated weights, one set per row (R = B).
         Arguments as :meth:`TinTForCausalLM.forward`, except that ``train_mask`` defaults to every real token (the
         sequences are the training data).
@@ -214,10 +214,27 @@ class TinTModel(TinTPreTrainedModel):
         (``segment_ids``) or, for a ``d`` that is a prefix of ``x``, the one pass on ``x`` with ``train_mask`` on
         ``d``: the step depends on nothing after its last training target.
 
+        ``add_to``: an adaptation of this model (R = 1 or B) to which this call's update is added: the result is
+        ``add_to + (step - W)``, W the weights before any step. One simulated step sums per-token terms taken at W,
+        and segments that do not attend to each other do not change each other's terms, so for ``n_steps == 1`` this
+        is exactly the step on both sets of sequences packed as segments (e.g. the demonstrations once, then each
+        query's own tokens: the single-FT variant with the query in the training part). Later steps depend on the
+        earlier update, so ``n_steps > 1`` refuses it.
+
         It follows torch's grad mode like ``forward``: under ``torch.no_grad()`` it keeps no graph; otherwise a loss
         computed with ``forward(x, adaptation=...)`` back-propagates through the simulated step (meta-training), as
         the one pass does. The adaptation remembers the model that made it; another model refuses it.
         """
+        if add_to is not None:
+            if self.config.n_steps != 1:
+                raise ValueError(f"add_to sums the updates of separate steps, which is the joint step only for "
+                                 f"n_steps == 1 (this TinT takes {self.config.n_steps}): pack both sets as segments "
+                                 "(segment_ids) in one call instead.")
+            if add_to.origin != self.origin():
+                raise ValueError("add_to was made by another TinT model (or before this one changed); adapt again.")
+            if add_to.rows not in (1, input_ids.shape[0]):
+                raise ValueError(f"add_to holds {add_to.rows} updates for {input_ids.shape[0]} rows: use one shared "
+                                 "update or one per row.")
         if train_mask is None:
             train_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
@@ -226,7 +243,13 @@ class TinTModel(TinTPreTrainedModel):
                           "the adaptation is the model's own weights.", stacklevel=2)
         lr = self.step_sizes(inner_lr, input_ids.shape[0])
         continued, context = self._lower_layers(input_ids, masks, lr)
-        return self._step(input_ids, masks, lr, continued, context)
+        step = self._step(input_ids, masks, lr, continued, context)
+        if add_to is None:
+            return step
+        start = self.initial_adaptation(continued)
+        return TinTAdaptation([{slot: base[slot] + new[slot] - w[slot] for slot in new}
+                               for base, new, w in zip(add_to.prefixes, step.prefixes, start.prefixes, strict=True)],
+                              add_to.final_prefix + step.final_prefix - start.final_prefix, step.origin)
 
     def origin(self) -> tuple:
         """What an adaptation made by this model depends on: the model object, its dtype and device, the simulated
@@ -496,10 +519,11 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None, inner_lr: float | torch.Tensor | None = None,
-              segment_ids: torch.Tensor | None = None) -> TinTAdaptation:
+              segment_ids: torch.Tensor | None = None, add_to: TinTAdaptation | None = None) -> TinTAdaptation:
         """The simulated step alone (see :meth:`TinTModel.adapt`): train once, then call ``forward`` or
-        ``generate`` with ``adaptation=`` on any number of batches."""
-        return self.model.adapt(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr, segment_ids)
+        ``generate`` with ``adaptation=`` on any number of batches; ``add_to`` adds this step to an earlier one."""
+        return self.model.adapt(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr, segment_ids,
+                                add_to)
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """``GenerationMixin.generate`` with TinT's arguments (``train_mask``, ``loss_mask``, ``segment_ids``,
