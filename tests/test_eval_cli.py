@@ -238,9 +238,21 @@ def test_the_tint_paper_preset_sets_the_protocol_and_explicit_arguments_win():
     assert (args.n_eval, args.calibration, args.select, args.legacy_sampler) == (200, "icl_sfc", "both", True)
     assert layer_grid(args) == [(12, 1), (6, 2), (3, 4)]
     configs = mode_configs(args)
+    # the authors' pairing: TinT's context loss trains on the query (both variants), dynamic evaluation's does not
     assert [c.label for c in configs[:5]] == ["icl", "dynamic/single/L12x1", "dynamic/single/label/L12x1",
-                                              "dynamic/query/L12x1", "dynamic/label/L12x1"]
+                                              "dynamic/L12x1", "dynamic/label/L12x1"]
+    assert [c.label for c in configs[13:17]] == ["tint/single/query/L12x1", "tint/single/label/L12x1",
+                                                 "tint/query/L12x1", "tint/label/L12x1"]
     assert len(configs) == 1 + 2 * 3 * 2 * 2
+    matched = mode_configs(resolve_defaults(parser.parse_args(["--preset", "tint-paper", "--model", "m", "--out",
+                                                               "o", "--train-on-query", "dynamic"])))
+    assert "dynamic/single/query/L12x1" in [c.label for c in matched] and not any("tint/" in c.label and "query"
+                                                                                   in c.label for c in matched)
+    both = resolve_defaults(parser.parse_args(["--model", "m", "--out", "o", "--train-on-query"]))
+    assert both.train_on_query == ("dynamic", "tint")
+    neither = mode_configs(resolve_defaults(parser.parse_args(["--preset", "tint-paper", "--model", "m", "--out",
+                                                               "o", "--train-on-query", "none"])))
+    assert not any(c.train_on_query for c in neither)
     label = next(c for c in configs if c.loss == "label")
     context = next(c for c in configs if c.adaptive and c.loss == "context")
     assert label.lrs == (1e-3, 1e-4, 1e-5) and context.lrs == (1e-5, 1e-6, 1e-7)

@@ -163,3 +163,62 @@ def test_indices_and_scores_equal_the_authors_procedure(opt_folder, tmp_path):
             raw = [authors_score(model, tokenizer, *q) for q in authors_prompts(demos, VALID[p["index"]][0], False)]
             assert p["scores"] == pytest.approx(raw, abs=1e-9)
             assert p["calibrated_scores"] == pytest.approx([r - c for r, c in zip(raw, calibration)], abs=1e-9)
+
+
+def authors_training_part(tokenizer, demos: list[tuple[str, int]], full: str, verbalized: str, bare: str):
+    """What the authors' constructed model trains on for one candidate prompt, restated from icl_eval/run.py
+    (``constructed_model_forward``) and tint_main/tint_opt.py: ``bidirection_mask[:, :-option_len] = 1`` and the
+    loss gradient at t is kept where ``bidirection_mask[t + 1]`` is 1, i.e. every token before the option is a
+    training target (demonstrations, separators, the query); with ``loss_label_only`` the gradient is also multiplied
+    by ``gradient_mask`` = the demonstrations' label tokens, located as ``encode_prompt_with_construction`` does
+    (cumulative prompt + the demonstration without its word, then the word's length). Also the demonstrations' and the
+    query's token spans (``train_example_start/end``, ``test_example_start``) that their single-FT masks use.
+    Returns (ids, option length, training flags, label flags, demo spans, query start)."""
+    ids = tokenizer.encode(full)
+    option = len(tokenizer.encode(verbalized)) - len(tokenizer.encode(bare))
+    train = [1] * (len(ids) - option) + [0] * option
+    label = [0] * len(ids)
+    spans, prompt, shift = [], "", 1  # shift: the BOS (OPT's tokenizer adds one)
+    for text, y in demos:
+        example_prompt = (prompt + demonstration(text, y)).lstrip()
+        example_sent = (prompt + f"Review: {text.strip()}\nSentiment:").lstrip()
+        whole, sentence = tokenizer.encode(example_prompt), tokenizer.encode(example_sent)
+        label[len(sentence): len(whole)] = [1] * (len(whole) - len(sentence))
+        spans.append((len(whole) - len(tokenizer.encode(demonstration(text, y).strip())) + shift, len(whole)))
+        prompt = example_prompt + "\n\n"
+    query_start = len(tokenizer.encode(prompt + "end")) - len(tokenizer.encode("end")) + shift
+    return ids, option, train, label, spans, query_start
+
+
+@pytest.mark.parametrize("shots", [0, 4])
+def test_tints_training_part_equals_the_authors(opt_folder, shots):
+    """--preset tint-paper's TinT rows (train_on_query, context loss; label loss) hand TinT the authors' training
+    part: in the concatenated variant token for token; in the single-FT variant the demonstrations and the query as
+    separate rows (each after a BOS), whose targets are the authors' except the separators between the pieces, which
+    their single-FT prompt keeps (unrestricted attention) and ours drops; the first token of a piece is predicted from
+    BOS in ours and from the separator before it in theirs."""
+    from tint_hf.evaluation.data import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(opt_folder / "opt")
+    demos = [TRAIN[i] for i in DEMOS[1]][:shots]
+    examples = [Example(text.strip(), y) for text, y in demos]
+    builder = PromptBuilder(tokenizer, get_task("SST2").template(0), train_on_query=True)
+    for query, _ in VALID[:3]:
+        context = builder.example_context(examples, query.strip())
+        for full, verbalized, bare in authors_prompts(demos, query, calibration=False):
+            ids, option, train, label, spans, query_start = authors_training_part(tokenizer, demos, full,
+                                                                                 verbalized, bare)
+            # concatenated: the scored row is the context (one-token options), every flag as theirs
+            assert list(context.input_ids) == ids[:-option]
+            assert list(context.train_mask) == train[:-option]
+            assert list(context.label_mask) == label[:-option]
+            # single-FT: each demonstration its own row (BOS + its tokens), then the query alone
+            rows = builder.demonstration_rows(examples) + [builder.example_context([], query.strip())]
+            pieces = spans + [(query_start, len(ids) - option)]
+            assert [list(r.input_ids[1:]) for r in rows] == [ids[a:b] for a, b in pieces]
+            assert all(all(r.train_mask) for r in rows)
+            ours = {t for a, b in pieces for t in range(a, b)}  # each row's tokens, the first predicted from BOS
+            theirs = {t for t in range(1, len(ids)) if train[t]}
+            gaps = {t for t in range(1, len(ids) - option) if not any(a <= t < b for a, b in pieces)}
+            assert ours <= theirs and theirs - ours == gaps
+            assert all(tokenizer.decode([ids[t]]).strip() == "" for t in gaps)  # only separators

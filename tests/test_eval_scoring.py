@@ -22,7 +22,7 @@ from tint_hf.evaluation import (
     classification_metrics,
     get_task,
 )
-from tint_hf.evaluation.modes import MIN_SHARED_PREFIX, pad_rows, shared_prefix_length
+from tint_hf.evaluation.modes import MIN_SHARED_PREFIX, Batch, pad_rows, shared_prefix_length
 from tint_hf.simulate import Approximations, exact_step
 
 DEMOS = [Example("a fine film .", 1), Example("so dull and long", 0), Example("great fun", 1), Example("awful", 0)]
@@ -156,8 +156,6 @@ def test_tint_single_variant_agrees_with_dynamic_single_in_the_tint_approximatio
         exact = run("dynamic", variant="single")
         zero_shot = score(PlainLM(model), builder, [builder.example_context([], q) for q in QUERIES])
         torch.testing.assert_close(via_tint, simulated, rtol=0, atol=1e-8)
-        with pytest.raises(ValueError, match="demonstrations only"):
-            ModeConfig("tint", variant="single", train_on_query=True)
         change = (simulated - zero_shot).abs().max()
         assert change > 1e-4 and (exact - simulated).abs().max() < 0.5 * change  # TinT approximates SGD
 
@@ -198,3 +196,66 @@ def test_metrics_against_hand_computed_values():
     assert metrics["accuracy"] == pytest.approx(3 / 5)
     assert metrics["macro_f1"] == pytest.approx((2 * 1 / 4 + 2 * 2 / 6) / 2)
     assert metrics["predicted_counts"] == [2, 3]
+
+
+@pytest.mark.parametrize("n_steps", [1, 2])
+def test_single_ft_with_the_query_is_one_step_on_the_demonstrations_and_the_query(model, gpt2_tokenizer, n_steps):
+    """The TinT authors' single-FT context loss also trains on the query. Dynamic evaluation's single-FT rows must
+    equal true SGD on the demonstrations and the row's query as separate sequences of one summed loss (sgd_update,
+    autograd), then the row with those weights: the demonstrations' step is taken once and each query's part added
+    (one step), or one joint update per query (more steps). TinT's single-FT rows must equal the same with TinT's
+    approximate step (tint_step)."""
+    from tint_hf.evaluation.modes import stack_rows
+    from tint_hf.simulate import forward_with_params, sgd_update
+
+    builder = PromptBuilder(gpt2_tokenizer, get_task("MR").template(0), train_on_query=True)
+    demos = pad_rows([(c.input_ids, c.train_mask, c.label_mask) for c in builder.demonstration_rows(DEMOS)], 50256)
+    queries = pad_rows([(c.input_ids, c.train_mask, c.label_mask)
+                        for c in (builder.example_context([], q) for q in QUERIES)], 50256)
+    got = DynamicSGD(model, LR, n_steps=n_steps, demonstrations=demos).logits(queries)
+    for b in range(len(QUERIES)):
+        n = int(queries.attention_mask[b].sum())
+        row = Batch(*(t[b:b + 1, :n] for t in queries.tensors()))
+        joint = stack_rows(demos, row)
+        params = sgd_update(model, joint.input_ids, joint.attention_mask, joint.train_mask, lr=LR, n_steps=n_steps,
+                            per_sequence=False)
+        expected = forward_with_params(model, params, row.input_ids)
+        torch.testing.assert_close(got[b:b + 1, :n], expected, rtol=1e-9, atol=1e-9)
+    demos_only = DynamicSGD(model, LR, n_steps=n_steps, demonstrations=demos).demonstrations_step()
+    assert (forward_with_params(model, demos_only, queries.input_ids[:1]) - got[:1]).abs().max() > 1e-6
+    if n_steps == 1:
+        tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR)
+        approx = Approximations(**tint.config.approximation_kwargs())
+        via_tint = TinTForward(tint, LR, demonstrations=demos).logits(queries)
+        simulated = DynamicSGD(model, LR, approximations=approx, demonstrations=demos).logits(queries)
+        real = queries.attention_mask.bool()
+        torch.testing.assert_close(via_tint[real], simulated[real], rtol=0, atol=1e-8)
+    else:  # more steps: the demonstrations are packed in front of each row as segments, one TinT pass per row
+        tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR, n_steps=n_steps)
+        via_tint = TinTForward(tint, LR, demonstrations=demos).logits(queries)
+        real_demos = demos.attention_mask.bool()
+        demo_ids = demos.input_ids[real_demos][None]
+        demo_segments = torch.arange(len(DEMOS))[:, None].expand_as(real_demos)[real_demos][None]
+        for b in range(len(QUERIES)):
+            n = int(queries.attention_mask[b].sum())
+            ids = torch.cat([demo_ids, queries.input_ids[b:b + 1, :n]], dim=1)
+            train = torch.cat([torch.ones_like(demo_ids), queries.train_mask[b:b + 1, :n]], dim=1)
+            segments = torch.cat([demo_segments, torch.full((1, n), len(DEMOS))], dim=1)
+            expected = tint(ids, train_mask=train, segment_ids=segments, inner_lr=LR).logits[:, -n:]
+            torch.testing.assert_close(via_tint[b:b + 1, :n], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_zero_shot_with_the_query_adapts_on_the_query_alone(model, gpt2_tokenizer):
+    """k = 0 in the authors' TinT protocol: the only training data is the query; single and concatenated agree."""
+    from tint_hf.evaluation import FewShotConfig, FewShotEvaluator, ModeConfig
+
+    tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR)
+    evaluator = FewShotEvaluator(model, gpt2_tokenizer, FewShotConfig(progress=False, batch_size=3), tint_model=tint)
+    builder = PromptBuilder(gpt2_tokenizer, get_task("MR").template(0), train_on_query=True)
+    queries = [Example(q, 0) for q in QUERIES]
+    scores = {variant: evaluator.score(ModeConfig("tint", lrs=(LR,), variant=variant, train_on_query=True), LR,
+                                       builder, [], queries, "t")[0] for variant in ("single", "concatenated")}
+    plain = evaluator.score(ModeConfig("icl"), None, PromptBuilder(gpt2_tokenizer, get_task("MR").template(0)), [],
+                            queries, "t")[0]
+    torch.testing.assert_close(scores["single"], scores["concatenated"], rtol=0, atol=1e-10)
+    assert (scores["single"] - plain).abs().max() > 1e-4  # the query's own step moved the scores

@@ -30,16 +30,18 @@ LAYER_STEP_BUDGET = 12  # the paper: L top layers get 12 / L steps (L = 12, 6, 3
 
 # Arguments a preset may set; their parser default is None and DEFAULTS fills what neither the user nor a preset gave.
 DEFAULTS = dict(modes=("icl",), lrs=(1e-4,), label_lrs=None, layers=None, n_steps=None, loss=("context",),
-                variant=("concatenated",), train_on_query=False, tasks=None, shots=(0, 32), seeds=(1, 2, 3),
+                variant=("concatenated",), train_on_query=(), tasks=None, shots=(0, 32), seeds=(1, 2, 3),
                 template=0, calibration="none", n_eval=200, n_dev=100, select="dev", legacy_sampler=False)
 PRESETS = {
     # Panigrahi et al. (2023), icl_eval: 0 and 32 shots, seeds 1-3, 200 test examples, icl_sfc, the authors'
     # demonstrations, L in {3, 6, 12} top layers with 12 / L steps, single- and multi-FT, both losses with their lr
-    # grids, the context loss on the whole prompt (query included); dev- and test-selected learning rates.
+    # grids; TinT's context loss on the whole prompt, query included (constructed_model_forward trains on every token
+    # before the option), dynamic evaluation on the demonstrations only (dynamic_eval_icl); dev- and test-selected
+    # learning rates.
     "tint-paper": dict(modes=("icl", "dynamic", "tint"), tasks=PAPER_TASKS, shots=(0, 32), seeds=(1, 2, 3),
                        n_eval=200, n_dev=100, calibration="icl_sfc", template=0, legacy_sampler=True,
                        layers=(12, 6, 3), loss=("context", "label"), lrs=(1e-5, 1e-6, 1e-7),
-                       label_lrs=(1e-3, 1e-4, 1e-5), variant=("single", "concatenated"), train_on_query=True,
+                       label_lrs=(1e-3, 1e-4, 1e-5), variant=("single", "concatenated"), train_on_query=("tint",),
                        select="both"),
 }
 # Settings that cannot change a result: a resumed run may differ in these.
@@ -157,9 +159,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="dynamic and tint: demos in one sequence, then ICL (concatenated, multi-FT), or each demo "
                             "its own sequence and one summed step, then zero-shot (single-FT; tint packs them as "
                             "separate segments); both: single,concatenated.")
-    proto.add_argument("--train-on-query", action="store_true", default=None,
-                       help="The query is part of the training part too (the paper's transductive context loss; "
-                            "concatenated context-loss grid points only).")
+    proto.add_argument("--train-on-query", type=_choices(("dynamic", "tint", "none")), nargs="?",
+                       const=("dynamic", "tint"), default=None,
+                       help="Modes whose context loss also trains on the query (both variants, and at k = 0): tint "
+                            "is the TinT authors' protocol (--preset tint-paper), dynamic the matched comparison, "
+                            "none neither (TinT without the query, under the preset); the flag alone means both. "
+                            "Default: none.")
     proto.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
                        help="Prepend BOS: follow the tokenizer (auto), or force.")
     parser.add_argument("--out", type=Path, required=True,
@@ -222,7 +227,8 @@ def load_tint(args: argparse.Namespace, model: nn.Module) -> TintSource | None:
 
 def mode_configs(args: argparse.Namespace) -> list[ModeConfig]:
     """icl once, then per adaptive mode the grid: layers (outermost, so TinT is built once per value) x variant x
-    loss. ``--train-on-query`` applies where it means something: concatenated prompts with the context loss."""
+    loss. ``--train-on-query`` applies to the modes it names, with the context loss (the label loss trains on the
+    demonstrations' label words only, as the authors' gradient_mask does)."""
     approx = Approximations() if args.tint_approximations else None
     configs = []
     for mode in args.modes:
@@ -236,7 +242,9 @@ def mode_configs(args: argparse.Namespace) -> list[ModeConfig]:
                         mode, lrs=args.label_lrs if loss == "label" and args.label_lrs else args.lrs,
                         n_steps=n_steps, n_layers=n_layers, loss=loss, variant=variant,
                         approximations=approx if mode == "dynamic" else None,
-                        train_on_query=bool(args.train_on_query) and variant == "concatenated" and loss == "context"))
+                        train_on_query=mode in args.train_on_query and loss == "context"))
+    if "none" in args.train_on_query and len(args.train_on_query) > 1:
+        raise SystemExit(f"--train-on-query {','.join(args.train_on_query)}: 'none' goes alone.")
     return configs
 
 

@@ -44,7 +44,8 @@ class ModeConfig:
             its own sequence, one shared step, then zero-shot prompts on the updated model; dynamic and tint; TinT
             packs the demonstrations as separate segments in front of each prompt).
         approximations: dynamic only: ``None`` = true SGD, else TinT's approximate step.
-        train_on_query: the query tokens also belong to the training part (the paper's transductive setting).
+        train_on_query: the query tokens also belong to the training part (the TinT authors' context loss, in both
+            variants and at k = 0, where the query is all there is to train on).
     """
 
     mode: str = "icl"
@@ -61,8 +62,7 @@ class ModeConfig:
                   (self.loss in ("context", "label"), f"loss={self.loss!r}: use 'context' or 'label'"),
                   (self.variant in ("concatenated", "single"), f"variant={self.variant!r}: 'concatenated' or 'single'"),
                   (self.variant == "concatenated" or self.mode != "icl", "the single variant needs dynamic or tint"),
-                  (self.variant == "concatenated" or not self.train_on_query,
-                   "the single variant trains on the demonstrations only; drop train_on_query (--train-on-query)"),
+                  (self.mode != "icl" or not self.train_on_query, "icl takes no training part (train_on_query)"),
                   (len(self.lrs) > 0, "give at least one learning rate"),
                   (self.n_steps >= 1, f"n_steps={self.n_steps}: use at least one step"),
                   (self.n_layers is None or self.n_layers >= 1, f"n_layers={self.n_layers}: use None (all) or >= 1")]
@@ -180,19 +180,17 @@ class FewShotEvaluator:
         if mode.mode == "icl":
             return PlainLM(self.model), demos
         single = mode.variant == "single"
-        if single and not demos:
+        if single and not demos and not mode.train_on_query:
             return PlainLM(self.model), []
         rows = None
-        if single:  # each demonstration its own sequence
+        if single and demos:  # each demonstration its own sequence
             rows = pad_rows([(c.input_ids, c.train_mask, c.label_mask) for c in builder.demonstration_rows(demos)],
                             self.pad_id)
+        context_demos = [] if single else demos  # single-FT prompts are zero-shot (their query may still train)
         if mode.mode == "tint":
-            return (TinTForward(self.tint_model_for(mode), lr, label_loss, demonstrations=rows),
-                    [] if single else demos)
-        sgd = DynamicSGD(self.model, lr, mode.n_steps, mode.n_layers, label_loss, mode.approximations)
-        if not single:
-            return sgd, demos
-        return PlainLM(self.model, sgd.update(rows.input_ids, rows.attention_mask, rows.train_mask, rows.loss_mask)), []
+            return TinTForward(self.tint_model_for(mode), lr, label_loss, demonstrations=rows), context_demos
+        return DynamicSGD(self.model, lr, mode.n_steps, mode.n_layers, label_loss, mode.approximations,
+                          demonstrations=rows), context_demos
 
     def _reference_contexts(self, builder: PromptBuilder, demos: Sequence[Example]) -> list[Context]:
         if self.config.calibration == "icl_sfc":

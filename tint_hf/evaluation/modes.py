@@ -11,7 +11,10 @@ Every mode gets the same :class:`Batch` (right-padded ``input_ids``, ``attention
   :class:`~tint_hf.simulate.Approximations` uses TinT's approximate step (:func:`tint_hf.simulate.tint_step`).
 * :class:`TinTForward` (``tint``): one forward of a model whose ``forward`` takes ``train_mask`` and ``loss_mask``
   (:class:`tint_hf.TinTForCausalLM`), which adapts internally. With ``demonstrations`` (the single-FT variant): one
-  simulated step on their summed loss (each its own segment), taken once, then every row alone with those weights.
+  simulated step on their summed loss (each its own segment), taken once, then every row alone with those weights;
+  a row with training tokens of its own (the query, ``train_on_query``) adds its step to the demonstrations' (exact
+  for one step, :meth:`~tint_hf.TinTForCausalLM.adapt` ``add_to``; with more steps the demonstrations are packed in
+  front of the row). :class:`DynamicSGD` does the same with true SGD.
 
 The training loss only depends on tokens up to the last training target (causal attention), so rows that share that
 prefix share the update. :class:`DynamicSGD` computes it once per distinct prefix and keeps the latest one: with
@@ -122,6 +125,21 @@ def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
     )
 
 
+def stack_rows(first: Batch, second: Batch) -> Batch:
+    """The rows of ``first`` then those of ``second``, right-padded to one length (padding: id 0, masks 0)."""
+    length = max(first.input_ids.shape[1], second.input_ids.shape[1])
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]))
+
+    return Batch(*(torch.cat([padded(a), padded(b)]) for a, b in zip(first.tensors(), second.tensors(), strict=True)))
+
+
+def stack_columns(first: Batch, second: Batch) -> Batch:
+    """Each row of ``first`` followed by the same row of ``second`` (same row count): (B, T1 + T2)."""
+    return Batch(*(torch.cat([a, b], dim=1) for a, b in zip(first.tensors(), second.tensors(), strict=True)))
+
+
 class PlainLM:
     """``icl`` mode: the causal LM as is, or with the parameters in ``params`` replaced."""
 
@@ -150,10 +168,16 @@ class DynamicSGD:
     _ORIGINAL: dict[str, torch.Tensor] = {}  # rows without training targets: the model's own parameters (read-only)
 
     def __init__(self, model: nn.Module, lr: float, n_steps: int = 1, n_layers: int | None = None,
-                 label_loss: bool = False, approximations: Approximations | None = None):
+                 label_loss: bool = False, approximations: Approximations | None = None,
+                 demonstrations: Batch | None = None):
+        """``demonstrations``: right-padded rows (one per demonstration, fully in the training part) for the single-FT
+        variant: every scored row is predicted after one shared step on their summed loss plus, when the row has
+        training tokens of its own (the query, with ``train_on_query``), that row's tokens in the same step."""
         self.model, self.lr, self.n_steps, self.n_layers = model, lr, n_steps, n_layers
         self.label_loss, self.approximations = label_loss, approximations
+        self.demonstrations = demonstrations
         self._cached: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        self._demonstrations_step: dict[str, torch.Tensor] | None = None
 
     def _training_prefix(self, batch: Batch, b: int) -> int:
         """Length of row b's prefix that holds all its training targets (0 if it has none)."""
@@ -182,14 +206,29 @@ class DynamicSGD:
         return {name: original[name].detach() + (rows - original[name].detach()).sum(0)
                 for name, rows in out.params.items()}
 
+    def demonstrations_step(self) -> dict[str, torch.Tensor]:
+        """The single-FT step on the demonstrations alone, taken once."""
+        if self._demonstrations_step is None:
+            self._demonstrations_step = self.update(*self.demonstrations.tensors())
+        return self._demonstrations_step
+
     def _row_params(self, batch: Batch, b: int) -> dict[str, torch.Tensor]:
         n = self._training_prefix(batch, b)
         if n == 0:
-            return self._ORIGINAL
+            return self._ORIGINAL if self.demonstrations is None else self.demonstrations_step()
         key = tuple(tuple(t[b, :n].tolist()) for t in (batch.input_ids, batch.train_mask, batch.loss_mask))
         if self._cached is None or self._cached[0] != key:
-            rows = [t[b:b + 1, :n] for t in (batch.input_ids, batch.train_mask, batch.loss_mask)]
-            self._cached = (key, self.update(rows[0], None, rows[1], rows[2]))
+            row = Batch(*(t[b:b + 1, :n] for t in batch.tensors()))
+            if self.demonstrations is None:
+                params = self.update(row.input_ids, None, row.train_mask, row.loss_mask)
+            elif self.n_steps == 1:  # one step sums per-sequence gradients at the same weights: add the row's part
+                original = dict(self.model.named_parameters())
+                own = self.update(row.input_ids, None, row.train_mask, row.loss_mask)
+                params = {name: value + own[name] - original[name].detach()
+                          for name, value in self.demonstrations_step().items()}
+            else:  # later steps depend on the earlier ones: one joint step on the demonstrations and the row
+                params = self.update(*stack_rows(self.demonstrations, row).tensors())
+            self._cached = (key, params)
         return self._cached[1]
 
     def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
@@ -240,14 +279,29 @@ class TinTForward:
         return self._adaptation
 
     def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
-        if self.demonstrations is not None:  # single-FT: the rows only read the demonstrations' step
-            step = dict(adaptation=self.adaptation())
-        else:  # each row trains on its own training part
-            step = dict(train_mask=batch.train_mask, loss_mask=batch.loss_mask if self.label_loss else None,
-                        inner_lr=self.inner_lr)
+        keep = batch.input_ids.shape[1] - logits_from
+        loss_mask = batch.loss_mask if self.label_loss else None
+        own_targets = bool((batch.train_mask.bool() & batch.attention_mask.bool()).any())
         with torch.no_grad():
-            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              logits_to_keep=batch.input_ids.shape[1] - logits_from, **step).logits
+            if self.demonstrations is None:  # each row trains on its own training part
+                return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                                  train_mask=batch.train_mask, loss_mask=loss_mask, inner_lr=self.inner_lr).logits
+            if not own_targets:  # single-FT: the rows only read the demonstrations' step
+                adaptation = self.adaptation()
+            elif self.model.config.n_steps == 1:  # ... plus each row's own step (the query), added to it: exact
+                adaptation = self.model.adapt(batch.input_ids, batch.attention_mask, batch.train_mask, loss_mask,
+                                              inner_lr=self.inner_lr, add_to=self.adaptation())
+            else:  # later steps depend on earlier ones: the demonstrations packed in front of every row, one pass
+                demos, segments = _pack_segments(self.demonstrations)
+                rows = batch.input_ids.shape[0]
+                joined = stack_columns(Batch(*(t.expand(rows, -1) for t in demos.tensors())), batch)
+                segments = torch.cat([segments.expand(rows, -1),
+                                      torch.full_like(batch.input_ids, int(segments.max()) + 1)], dim=1)
+                return self.model(input_ids=joined.input_ids, attention_mask=joined.attention_mask,
+                                  train_mask=joined.train_mask, loss_mask=joined.loss_mask if self.label_loss else None,
+                                  segment_ids=segments, inner_lr=self.inner_lr, logits_to_keep=keep).logits
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                              adaptation=adaptation).logits
 
 
 def _pack_segments(rows: Batch) -> tuple[Batch, torch.Tensor]:
