@@ -10,7 +10,9 @@ output pass then skips the demonstrations), and explicit dynamic evaluation (``s
 rows, one step on their summed loss, then a forward of the prompts with the updated weights). Ratios are to the last.
 Then the train-once split that the evaluation uses since one demonstration set serves every batch: ``tint.adapt``
 on the packed demonstrations (once per set) and ``tint(prompts, adaptation=...)`` (per batch), against the per-batch
-part of dynamic evaluation (the prompts' forward with the updated weights).
+part of dynamic evaluation (the prompts' forward with the updated weights). Last, single-FT with the query in the
+training part (the TinT authors' context loss), per batch as the evaluation's modes run it: TinT adds each prompt's
+own step to the demonstrations' (``adapt(..., add_to=)``), dynamic evaluation adds each prompt's true SGD step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from common import median_time, opt_125m_config
 from transformers import OPTForCausalLM
 
 from tint_hf import TinTForCausalLM
+from tint_hf.evaluation.modes import Batch, DynamicSGD, TinTForward
 from tint_hf.simulate import forward_with_params, sgd_update
 
 
@@ -85,6 +88,27 @@ def main() -> None:
         "TinT forward(adaptation=...) (per batch)": median_time(predict, args.device, args.repeats),
         "dynamic: forward with updated weights": median_time(dynamic_predict, args.device, args.repeats),
     }
+    # The TinT authors' single-FT context loss also trains on the query: per batch, each prompt's own step is added
+    # to the demonstrations' (TinT: adapt(..., add_to=); dynamic: the same sum of true SGD steps), as the
+    # evaluation's modes run it. The prompts' first prompt_len - 1 tokens train, the last one is scored.
+    demo_rows = Batch(demos, torch.ones_like(demos), torch.ones_like(demos), torch.zeros_like(demos))
+    query_train = torch.ones_like(prompts)
+    query_train[:, -1] = 0
+    queries = Batch(prompts, torch.ones_like(prompts), query_train, torch.zeros_like(prompts))
+    tint_mode = TinTForward(tint, args.lr, demonstrations=demo_rows)
+    dynamic_mode = DynamicSGD(aux, args.lr, demonstrations=demo_rows)
+    tint_mode.adaptation(), dynamic_mode.demonstrations_step()  # the once-per-set part, as in the evaluation
+    with torch.no_grad():
+        one_pass = tint(packed, None, (train.bool() | torch.cat([torch.zeros_like(packed[:, :-args.prompt_len]),
+                                                                  query_train], 1).bool()).long(),
+                        segment_ids=segments, logits_to_keep=args.prompt_len).logits
+    assert torch.allclose(tint_mode.logits(queries), one_pass, atol=1e-4, rtol=1e-4)
+    with_query = {
+        "TinT: query step added + forward (per batch)": median_time(lambda: tint_mode.logits(queries), args.device,
+                                                                    args.repeats),
+        "dynamic: query step added + forward (per batch)": median_time(lambda: dynamic_mode.logits(queries),
+                                                                       args.device, args.repeats),
+    }
     baseline = timings["dynamic evaluation (sgd_update + forward)"]
     print(f"OPT-125M shapes, fp32, device={args.device}, threads={torch.get_num_threads()}: k={args.demos} x "
           f"{args.demo_len} demonstration tokens, B={args.batch} prompts x {args.prompt_len} tokens, lr={args.lr}")
@@ -94,6 +118,11 @@ def main() -> None:
     for name, seconds in per_batch.items():
         print(f"  {name:<44} {seconds:7.2f} s   {seconds / baseline:5.2f}x dynamic, "
               f"{seconds / per_batch['dynamic: forward with updated weights']:5.2f}x its per-batch forward")
+    print("single-FT with the query in the training part (the authors' TinT context loss), per batch:")
+    reference = with_query["dynamic: query step added + forward (per batch)"]
+    for name, seconds in with_query.items():
+        print(f"  {name:<50} {seconds:7.2f} s   {seconds / reference:5.2f}x dynamic with the query, "
+              f"{seconds / args.batch * 1000:7.1f} ms per prompt")
 
 
 if __name__ == "__main__":

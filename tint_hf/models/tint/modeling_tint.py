@@ -404,8 +404,11 @@ def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int,
         parts.append(masks.segment_ids[:, :span])
     key = torch.cat(parts, dim=1)
     _, group = torch.unique(key, dim=0, return_inverse=True)
+    every = torch.arange(key.shape[0], device=key.device)
+    if int(group.max()) + 1 == key.shape[0]:  # all rows differ: run them in order (no copy of per-row prefixes)
+        return every, every
     rows = torch.zeros(int(group.max()) + 1, dtype=torch.long, device=key.device)
-    rows.scatter_(0, group, torch.arange(key.shape[0], device=key.device))
+    rows.scatter_(0, group, every)
     return rows, group
 
 
@@ -423,8 +426,11 @@ def _segments_end_at(context: StepContext, start: int) -> bool:
 
 
 def _per_row(prefix: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Prefixes of the U groups (U, ...) -> of the B rows; shared ones (leading dim 1) stay shared."""
-    return prefix if prefix.shape[0] == 1 else prefix[group]
+    """Prefixes of the U groups (U, ...) -> of the B rows; shared ones (leading dim 1) and rows that are their own
+    groups in order (U = B) stay as they are."""
+    if prefix.shape[0] == 1 or prefix.shape[0] == group.shape[0]:
+        return prefix
+    return prefix[group]
 
 
 def _causal_allowed(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
