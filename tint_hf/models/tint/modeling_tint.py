@@ -247,9 +247,14 @@ class TinTModel(TinTPreTrainedModel):
         if add_to is None:
             return step
         start = self.initial_adaptation(continued)
-        return TinTAdaptation([{slot: base[slot] + new[slot] - w[slot] for slot in new}
+
+        def added(base: torch.Tensor, new: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            # (base - w) is the earlier update, usually shared (R = 1): one per-row tensor is written, not three
+            return new + (base - w)
+
+        return TinTAdaptation([{slot: added(base[slot], new[slot], w[slot]) for slot in new}
                                for base, new, w in zip(add_to.prefixes, step.prefixes, start.prefixes, strict=True)],
-                              add_to.final_prefix + step.final_prefix - start.final_prefix, step.origin)
+                              added(add_to.final_prefix, step.final_prefix, start.final_prefix), step.origin)
 
     def origin(self) -> tuple:
         """What an adaptation made by this model depends on: the model object, its dtype and device, the simulated
