@@ -246,6 +246,23 @@ class DynamicSGD:
         return out
 
 
+UPDATE_COPIES = 3  # per-row updated prefixes alive at once in a TinT call (the step's, the sum, the forward's reads)
+
+
+def available_memory(model: nn.Module) -> int | None:
+    """Bytes free on ``model``'s device now (CUDA: the device's free memory; CPU: MemAvailable of /proc/meminfo);
+    None where it cannot be read."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def accepts_training_masks(model: nn.Module) -> bool:
     return "train_mask" in inspect.signature(model.forward).parameters
 
@@ -256,17 +273,36 @@ class TinTForward:
     name = "tint"
 
     def __init__(self, model: nn.Module, inner_lr: float | None = None, label_loss: bool = False,
-                 demonstrations: Batch | None = None):
+                 demonstrations: Batch | None = None, memory_budget: int | None = None):
         """``demonstrations``: right-padded rows (one per demonstration, fully in the training part) for the single-FT
         variant: packed as segments 0..k-1, they are trained on once (``model.adapt``), and every scored row is
         predicted alone with those weights (the same as packing them in front of each row, see
-        :meth:`tint_hf.TinTForCausalLM.adapt`)."""
+        :meth:`tint_hf.TinTForCausalLM.adapt`).
+
+        Rows that train on their own tokens each hold a copy of every updated prefix
+        (``model.update_bytes_per_row()``, ~0.5 GB per row for SmolLM2): a batch is split into as many calls as keep
+        ``UPDATE_COPIES`` such copies per row within ``memory_budget`` bytes (default: half the memory available
+        now), and a single row that does not fit is refused with the numbers, not left to the OOM killer."""
         if not accepts_training_masks(model):
             raise TypeError(f"{type(model).__name__}.forward takes no `train_mask`: the tint mode needs a TinT model "
                             f"(tint_hf.TinTForCausalLM, e.g. built with `tint-hf build`). Use icl or dynamic instead.")
         self.model, self.inner_lr, self.label_loss = model, inner_lr, label_loss
         self.demonstrations = demonstrations
+        self.memory_budget = memory_budget
         self._adaptation = None
+
+    def rows_per_call(self, rows: int) -> int:
+        """How many rows that train on their own tokens one call may take (see ``__init__``)."""
+        per_row = getattr(self.model, "update_bytes_per_row", lambda: 0)() * UPDATE_COPIES
+        budget = self.memory_budget if self.memory_budget is not None else available_memory(self.model) // 2
+        if not per_row or budget is None:
+            return rows
+        if per_row > budget:
+            raise MemoryError(f"One row's own TinT update needs about {per_row / 2**30:.1f} GiB and "
+                              f"{budget / 2**30:.1f} GiB are free for it: simulate fewer layers (--layers), use a "
+                              "smaller model or a machine with more memory, or keep the query out of the training "
+                              "part (--train-on-query).")
+        return max(1, min(rows, budget // per_row))
 
     def adaptation(self) -> TinTAdaptation:
         """The single-FT step on the demonstrations, taken on first use and kept for every later batch."""
@@ -279,9 +315,17 @@ class TinTForward:
         return self._adaptation
 
     def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
+        own_targets = bool((batch.train_mask.bool() & batch.attention_mask.bool()).any())
+        rows = batch.input_ids.shape[0]
+        step = self.rows_per_call(rows) if own_targets else rows
+        if step < rows:  # memory: a per-row update for every row of the call
+            return torch.cat([self._logits(Batch(*(t[i:i + step] for t in batch.tensors())), logits_from, True)
+                              for i in range(0, rows, step)])
+        return self._logits(batch, logits_from, own_targets)
+
+    def _logits(self, batch: Batch, logits_from: int, own_targets: bool) -> torch.Tensor:
         keep = batch.input_ids.shape[1] - logits_from
         loss_mask = batch.loss_mask if self.label_loss else None
-        own_targets = bool((batch.train_mask.bool() & batch.attention_mask.bool()).any())
         with torch.no_grad():
             if self.demonstrations is None:  # each row trains on its own training part
                 return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,

@@ -256,6 +256,14 @@ class TinTModel(TinTPreTrainedModel):
                                for base, new, w in zip(add_to.prefixes, step.prefixes, start.prefixes, strict=True)],
                               added(add_to.final_prefix, step.final_prefix, start.final_prefix), step.origin)
 
+    def update_bytes_per_row(self) -> int:
+        """Bytes one row's own update takes (its copy of every updated prefix): what a batch whose rows train on
+        their own tokens adds per row, before temporaries."""
+        L, n = self.spec.num_layers, self.config.n_simulation_layers
+        count = self.final_norm_prefix.numel() + sum(p.numel() for layer in self.layers[L - n:]
+                                                     for p in layer.prefixes.parameters())
+        return count * self.final_norm_prefix.element_size()
+
     def origin(self) -> tuple:
         """What an adaptation made by this model depends on: the model object, its dtype and device, the simulated
         layers, and the versions of its parameters (any in-place change to a weight, e.g. an optimizer step, makes
@@ -526,6 +534,10 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 loss_before = _eval_loss(logits_before, labels, out.eval_targets)
         output = TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
         return _as_requested(self, output, return_dict)
+
+    def update_bytes_per_row(self) -> int:
+        """See :meth:`TinTModel.update_bytes_per_row`."""
+        return self.model.update_bytes_per_row()
 
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
