@@ -37,31 +37,46 @@ def markdown_table(summary: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(summary: Sequence[dict], path: Path) -> None:
-    """Grouped bars: one group per task, one bar per (mode, k, selection rule), error bars = std over seeds, dashed
-    chance line."""
+def plot_accuracy(summary: Sequence[dict], path: Path, selection: str = "dev") -> None:
+    """One panel per shot count; in each, the tasks side by side, one bar per method that has cells there (no empty
+    slots), error bars = std over seeds, a dashed chance line per task. Methods with a learning-rate grid show the
+    rows of one ``selection`` rule (``dev`` by default, ``test`` when only those exist)."""
     matplotlib = require("matplotlib", "plot", "The accuracy plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in summary))
-    series = list(dict.fromkeys((r["mode"], r["shots"], r.get("selection")) for r in summary))
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(tasks) * max(1, len(series) / 3)), 4.0))
-    for s, (mode, shots, selection) in enumerate(series):
-        rows = {r["task"]: r for r in summary if (r["mode"], r["shots"], r.get("selection")) == (mode, shots, selection)}
-        xs = [t + (s - (len(series) - 1) / 2) * width for t in range(len(tasks)) if tasks[t] in rows]
-        ax.bar(xs, [100 * rows[t]["accuracy_mean"] for t in tasks if t in rows], width,
-               yerr=[100 * rows[t]["accuracy_std"] for t in tasks if t in rows], label=f"{mode}, k={shots}" + (f", lr on {selection}" if selection else ""), capsize=2)
-    for t, task in enumerate(tasks):
-        chance = 100 * next(r["chance"] for r in summary if r["task"] == task)
-        ax.hlines(chance, t - 0.45, t + 0.45, colors="grey", linestyles="dashed")
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize="small", ncol=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    rules = {r.get("selection") for r in summary} - {None}
+    rule = selection if selection in rules or not rules else sorted(rules)[0]
+    rows = [r for r in summary if r.get("selection") in (None, rule)]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    shots = sorted({r["shots"] for r in rows})
+    methods = list(dict.fromkeys(r["mode"] for r in rows))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(shots), 1, figsize=(1.6 + 1.5 * len(tasks), 2.8 * len(shots) + 0.8), squeeze=False,
+                             sharey=True)
+    for ax, k in zip(axes[:, 0], shots, strict=True):
+        cells = {(r["task"], r["mode"]): r for r in rows if r["shots"] == k}
+        present = [m for m in methods if any((t, m) in cells for t in tasks)]
+        width = 0.8 / len(present)
+        for i, method in enumerate(present):
+            xs = [t for t, task in enumerate(tasks) if (task, method) in cells]
+            values = [cells[(tasks[t], method)] for t in xs]
+            ax.bar([x + (i - (len(present) - 1) / 2) * width for x in xs], [100 * v["accuracy_mean"] for v in values],
+                   width, yerr=[100 * v["accuracy_std"] for v in values], capsize=2, color=colors[method],
+                   label=method)
+        for t, task in enumerate(tasks):
+            chance = 100 * next(r["chance"] for r in rows if r["task"] == task)
+            ax.hlines(chance, t - 0.45, t + 0.45, colors="grey", linestyles="dashed")
+        ax.set_title(f"k = {k}" + (f" (learning rates chosen on {rule})" if rule else ""), fontsize="medium")
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+    handles = {m: plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in methods}
+    handles["chance"] = plt.Line2D([0], [0], color="grey", linestyle="dashed")
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize="small",
+               bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) // 4), 1, 1))
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
