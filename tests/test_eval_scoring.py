@@ -283,3 +283,22 @@ def test_tint_rows_with_their_own_step_are_split_to_fit_memory(model, gpt2_token
     no_query = pad_rows([(c.input_ids, tuple(0 for _ in c.train_mask), c.label_mask)
                          for c in (builder.example_context([], q) for q in QUERIES)], 50256)
     assert shared.logits(no_query).shape[0] == 4  # a shared update needs no per-row copies: never split or refused
+
+
+def test_the_summary_counts_learning_rates_chosen_at_the_edge_of_their_grid():
+    from tint_hf.evaluation import summarize_runs
+    from tint_hf.evaluation.report import markdown_table
+
+    def run(seed, lr, grid, selection="dev", mode="dynamic"):
+        return dict(task="MR", mode=mode, shots=4, seed=seed, lr=lr, selection=selection, accuracy=0.5,
+                    macro_f1=0.5, n=8, mode_config=dict(lrs=grid))
+
+    grid = [1e-5, 1e-4, 1e-3]
+    runs = [run(1, 1e-4, grid), run(2, 1e-3, grid), run(3, 1e-5, grid),  # interior, top edge, bottom edge
+            run(1, 1e-4, [1e-4], selection=None, mode="tint"),  # nothing chosen
+            run(1, None, [1e-4], selection=None, mode="icl")]
+    summary = {row["mode"]: row for row in summarize_runs(runs, {"MR": 2})}
+    assert summary["dynamic"]["lr_at_edge"] == 2
+    assert summary["tint"]["lr_at_edge"] == 0 and summary["icl"]["lr_at_edge"] == 0
+    table = markdown_table(list(summary.values()))
+    assert "(2/3 at the grid's edge)" in table and table.count("grid's edge") == 1

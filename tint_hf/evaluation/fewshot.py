@@ -292,6 +292,13 @@ def _mode_dict(mode: ModeConfig) -> dict:
     return out
 
 
+def lr_at_grid_edge(run: dict) -> bool:
+    """Whether a run's learning rate was chosen from a grid (two or more values) and landed at its smallest or
+    largest value: the optimum may lie outside the grid, so the grid should be widened."""
+    grid = (run.get("mode_config") or {}).get("lrs") or []
+    return bool(run.get("selection")) and len(grid) > 1 and run["lr"] in (min(grid), max(grid))
+
+
 def summarize_runs(runs: Sequence[dict], num_classes: dict[str, int]) -> list[dict]:
     """Mean and standard deviation over seeds of accuracy and macro-F1, per task x mode x shots x selection rule."""
     groups: dict[tuple, list[dict]] = {}
@@ -304,5 +311,6 @@ def summarize_runs(runs: Sequence[dict], num_classes: dict[str, int]) -> list[di
                             accuracy_mean=statistics.fmean(acc),
                             accuracy_std=statistics.stdev(acc) if len(acc) > 1 else 0.0,
                             macro_f1_mean=statistics.fmean(r["macro_f1"] for r in group),
-                            chance=1.0 / num_classes[task], lrs=[r["lr"] for r in group]))
+                            chance=1.0 / num_classes[task], lrs=[r["lr"] for r in group],
+                            lr_at_edge=sum(map(lr_at_grid_edge, group))))
     return summary

@@ -24,16 +24,18 @@ def environment() -> dict:
 
 
 def markdown_table(summary: Sequence[dict]) -> str:
-    """Markdown table: accuracy mean +- std over seeds (percent), macro-F1, chance level, and where each seed's
-    learning rate was chosen (dev, test = the authors' oracle selection, - = nothing to choose)."""
+    """Markdown table: accuracy mean +- std over seeds (percent), macro-F1, chance level, where each seed's
+    learning rate was chosen (dev, test = the authors' oracle selection, - = nothing to choose), the chosen learning
+    rates and how many seeds chose one at the edge of the grid (the optimum may lie outside it)."""
     lines = ["| task | mode | k | lr chosen on | accuracy (%) | macro-F1 (%) | chance (%) | seeds | n | lr |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary:
         lrs = sorted({lr for lr in row["lrs"] if lr is not None})
+        edge = f" ({row['lr_at_edge']}/{row['seeds']} at the grid's edge)" if row.get("lr_at_edge") else ""
         lines.append(f"| {row['task']} | {row['mode']} | {row['shots']} | {row.get('selection') or '-'} | "
                      f"{100 * row['accuracy_mean']:.1f} ± "
                      f"{100 * row['accuracy_std']:.1f} | {100 * row['macro_f1_mean']:.1f} | {100 * row['chance']:.0f} "
-                     f"| {row['seeds']} | {row['n']} | {', '.join(f'{lr:g}' for lr in lrs) or '-'} |")
+                     f"| {row['seeds']} | {row['n']} | {', '.join(f'{lr:g}' for lr in lrs) or '-'}{edge} |")
     return "\n".join(lines) + "\n"
 
 
