@@ -183,7 +183,7 @@ def test_damaged_conversion_folders_are_named(damage, tmp_path):
     else:
         records.unlink()
         (out / "run.json").unlink()
-        expected = r"written by an older tint_hf"
+        expected = r"stages.json but no stages.jsonl records \(a conversion written by an older tint_hf"
     with pytest.raises(RunStoreError, match=expected):
         convert(tiny_opt(), blocks(), out, settings, progress=False)
 

@@ -329,8 +329,9 @@ def convert(teacher: PreTrainedModel, train_blocks: torch.Tensor, out_dir: str |
     fresh = f"use another output folder, or delete {out_dir} to start over"
     store = RunStore(out_dir, "stages.jsonl", fresh_start=fresh)
     if not store.records and (out_dir / "stages.json").exists():
-        raise RunStoreError(f"{out_dir} holds a conversion written by an older tint_hf, which did not record what it "
-                            f"was computed from; {fresh}.")
+        raise RunStoreError(f"{out_dir} holds stages.json but no stages.jsonl records (a conversion written by an "
+                            f"older tint_hf, which did not record what it was computed from, or records removed); "
+                            f"{fresh}.")
     store.check_settings(asdict(settings))
     store.check_provenance("versions", versions())
     store.check_provenance("teacher", fingerprint_model(teacher))
