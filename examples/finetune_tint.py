@@ -175,9 +175,12 @@ def run_training(model: PreTrainedModel, tokenizer, data: DatasetDict, args: arg
 def load_tint(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
     """TinT and a tokenizer: a saved TinT checkpoint, TinT built from an OPT / GPT-2 (``--model``), or the tiny
     default."""
-    overrides = {"backward": args.backward} if args.backward else {}
-    construction = dict(num_prefixes=args.num_prefixes, inner_lr=args.inner_lr,
-                        n_simulation_layers=args.n_simulation_layers, **overrides)
+    # settings a saved checkpoint may take at load time; the construction's own (P, simulated layers) it fixes
+    overrides = {name: value for name, value in (("backward", args.backward), ("inner_lr", args.inner_lr))
+                 if value is not None}
+    construction = dict(num_prefixes=16 if args.num_prefixes is None else args.num_prefixes,
+                        n_simulation_layers=args.n_simulation_layers,
+                        **{"inner_lr": 1e-2, **overrides})
     if args.model is None:
         from tint_hf.commands.demo import tiny_demo_model
 
@@ -188,6 +191,11 @@ def load_tint(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if AutoConfig.from_pretrained(args.model).model_type == tint_hf.TinTConfig.model_type:
+        fixed = [f"--{name}" for name, value in (("num-prefixes", args.num_prefixes),
+                                                ("n-simulation-layers", args.n_simulation_layers)) if value is not None]
+        if fixed:
+            raise SystemExit(f"{' and '.join(fixed)}: {args.model} is a built TinT, whose construction fixes them; "
+                             "drop them, or pass the auxiliary model as --model to build TinT with them.")
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **overrides)
     else:
         model = tint_hf.TinTForCausalLM.from_auxiliary(args.model, dtype=torch.float32, **construction)
@@ -205,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="A TinT checkpoint, or an OPT / GPT-2 to build TinT from (default: tiny random OPT).")
     parser.add_argument("--tokenizer", default=None, help="Tokenizer (default: the --model folder / Hub id).")
     tint = parser.add_argument_group("TinT construction (ignored for a saved TinT checkpoint except --backward)")
-    tint.add_argument("--num-prefixes", type=int, default=16)
-    tint.add_argument("--inner-lr", type=float, default=1e-2, help="Simulated SGD learning rate (summed loss).")
+    tint.add_argument("--num-prefixes", type=int, default=None, help="P when building TinT here (default 16).")
+    tint.add_argument("--inner-lr", type=float, default=None,
+                      help="Simulated SGD learning rate (summed loss; default 1e-2 when building, the checkpoint's "
+                           "otherwise).")
     tint.add_argument("--n-simulation-layers", type=int, default=None)
     tint.add_argument("--backward", choices=["fd", "exact"], default=None,
                       help="LayerNorm/activation backward (default: fd for a construction, the checkpoint's setting otherwise).")
