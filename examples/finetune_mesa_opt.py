@@ -35,11 +35,16 @@ MESA_LORA_TARGETS = {"target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"
 MESA_IA3_TARGETS = (["k_proj", "v_proj", "fc2"], ["fc2"])
 
 
+SOLVER_DEFAULTS = dict(mesa_solver="cg", cg_steps=16, chunk_size=32)  # when converting here
+
+
 def load_mesa_opt(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
     """MesaOPT and a tokenizer: a saved MesaOPT checkpoint, an OPT converted with ``from_opt`` (``--model``), or the
     tiny default."""
-    mesa = dict(mesa_layers=args.mesa_layers or "all", mesa_solver=args.mesa_solver, cg_steps=args.cg_steps,
-                chunk_size=args.chunk_size)
+    # solver settings apply to a saved checkpoint too; which layers are mesa layers its weights fix
+    solver = {name: value for name, value in (("mesa_solver", args.mesa_solver), ("cg_steps", args.cg_steps),
+                                              ("chunk_size", args.chunk_size)) if value is not None}
+    mesa = dict(mesa_layers=args.mesa_layers or "all", **{**SOLVER_DEFAULTS, **solver})
     if args.model is None:
         from tint_hf.commands.demo import tiny_demo_model
 
@@ -48,7 +53,10 @@ def load_mesa_opt(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
         return tint_hf.MesaOPTForCausalLM.from_opt(opt, **mesa).train(), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if AutoConfig.from_pretrained(args.model).model_type == tint_hf.MesaOPTConfig.model_type:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        if args.mesa_layers is not None:
+            raise SystemExit(f"--mesa-layers: {args.model} is a MesaOPT checkpoint, whose weights fix its mesa layers; "
+                             "drop it, or pass the OPT model as --model to convert those layers.")
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **solver)
     else:
         model = tint_hf.MesaOPTForCausalLM.from_opt(args.model, **mesa)
     return model.train(), tokenizer
@@ -59,11 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="A MesaOPT checkpoint, or an OPT to convert (default: tiny random OPT).")
     parser.add_argument("--tokenizer", default=None, help="Tokenizer (default: the --model folder / Hub id).")
-    mesa = parser.add_argument_group("mesa-layers (for a conversion from OPT)")
-    mesa.add_argument("--mesa-layers", type=int, nargs="+", default=None, help="Layer indices (default: all).")
-    mesa.add_argument("--mesa-solver", choices=["exact", "cg", "cg1", "gd"], default="cg")
-    mesa.add_argument("--cg-steps", type=int, default=16)
-    mesa.add_argument("--chunk-size", type=int, default=32)
+    mesa = parser.add_argument_group("mesa-layers (the solver options also apply to a saved MesaOPT)")
+    mesa.add_argument("--mesa-layers", type=int, nargs="+", default=None,
+                      help="Layer indices to convert (default: all; not with a MesaOPT checkpoint).")
+    mesa.add_argument("--mesa-solver", choices=["exact", "cg", "cg1", "gd"], default=None, help="Default: cg.")
+    mesa.add_argument("--cg-steps", type=int, default=None, help="Default: 16.")
+    mesa.add_argument("--chunk-size", type=int, default=None, help="Default: 32.")
     add_training_arguments(parser)
     return parser
 

@@ -212,3 +212,17 @@ def test_the_tint_example_takes_a_checkpoints_runtime_settings_and_refuses_its_c
     for flag in ("--num-prefixes", "--n-simulation-layers"):
         with pytest.raises(SystemExit, match=f"{flag}: .* is a built TinT"):
             finetune_tint.load_tint(cli_args(tmp_path / "out", "--model", str(tmp_path / "tint"), flag, "1"))
+
+
+def test_the_mesa_example_takes_a_checkpoints_solver_settings_and_refuses_its_mesa_layers(tmp_path, gpt2_tokenizer):
+    from tint_hf import MesaOPTForCausalLM
+
+    MesaOPTForCausalLM.from_opt(tiny_opt(dtype=torch.float32), mesa_layers=[1]).save_pretrained(tmp_path / "mesa")
+    gpt2_tokenizer.save_pretrained(tmp_path / "mesa")
+    parse = finetune_mesa_opt.build_parser().parse_args
+    model, _ = finetune_mesa_opt.load_mesa_opt(parse(["--output-dir", str(tmp_path / "out"), "--model",
+                                                      str(tmp_path / "mesa"), "--mesa-solver", "exact"]))
+    assert model.config.mesa_solver == "exact" and model.config.mesa_layers == [1]
+    with pytest.raises(SystemExit, match="--mesa-layers: .* MesaOPT checkpoint"):
+        finetune_mesa_opt.load_mesa_opt(parse(["--output-dir", str(tmp_path / "out"), "--model",
+                                               str(tmp_path / "mesa"), "--mesa-layers", "0"]))
