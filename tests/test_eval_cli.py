@@ -258,3 +258,16 @@ def test_the_tint_paper_preset_sets_the_protocol_and_explicit_arguments_win():
     assert label.lrs == (1e-3, 1e-4, 1e-5) and context.lrs == (1e-5, 1e-6, 1e-7)
     plain = resolve_defaults(parser.parse_args(["--model", "m", "--out", "o"]))
     assert (plain.select, plain.calibration, plain.layers, plain.legacy_sampler) == ("dev", "none", None, False)
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--modes", "icl,dynamic", "--tint-model", "x"], "--tint-model"),
+    (["--modes", "tint", "--tint-model", "x", "--num-prefixes", "8"], "--num-prefixes"),
+    (["--modes", "icl", "--num-prefixes", "8"], "--num-prefixes"),
+    (["--modes", "icl,tint", "--tint-approximations"], "--tint-approximations"),
+    (["--modes", "dynamic", "--label-lrs", "1e-3"], "--label-lrs"),
+    (["--modes", "icl,dynamic", "--train-on-query", "tint"], "--train-on-query"),
+])
+def test_options_the_call_would_ignore_are_refused(extra, option, tmp_path):
+    with pytest.raises(SystemExit, match=f"{option} would be ignored in this call"):
+        main(["eval", "--model", "m", "--tasks", "MR", "--out", str(tmp_path / "o"), *extra])

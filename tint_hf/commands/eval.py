@@ -267,8 +267,26 @@ def open_store(args: argparse.Namespace) -> RunStore:
     return store
 
 
+def refuse_ignored(args: argparse.Namespace, given: set[str]) -> None:
+    """Options the user gave (``given``: their names) that this call would not use are refused, with the reason."""
+    unused = {
+        "tint_model": ("tint" not in args.modes, "applies to the tint mode only"),
+        "num_prefixes": ("tint" not in args.modes or args.tint_model is not None,
+                         "sets P when TinT is built here (tint mode, no --tint-model)"),
+        "tint_approximations": ("dynamic" not in args.modes, "applies to the dynamic mode only"),
+        "label_lrs": ("label" not in args.loss, "applies to the label loss only (--loss label)"),
+        "train_on_query": (not set(args.train_on_query) - {"none"} <= set(args.modes) or "context" not in args.loss,
+                           "names adaptive modes that run with the context loss"),
+    }
+    for name, (ignored, reason) in unused.items():
+        if name in given and ignored:
+            raise SystemExit(f"--{name.replace('_', '-')} would be ignored in this call: it {reason}.")
+
+
 def run(args: argparse.Namespace) -> int:
+    given = {name for name, value in vars(args).items() if value not in (None, False)}
     resolve_defaults(args)
+    refuse_ignored(args, given)
     if not args.tasks:
         raise SystemExit("Pass --tasks (e.g. --tasks SST2,MR) or a --preset.")
     if (args.train_file or args.eval_file) and len(args.tasks) != 1:
