@@ -54,8 +54,8 @@ def plot_accuracy(summary: Sequence[dict], path: Path, selection: str = "dev") -
     shots = sorted({r["shots"] for r in rows})
     methods = list(dict.fromkeys(r["mode"] for r in rows))
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(len(shots), 1, figsize=(1.6 + 1.5 * len(tasks), 2.8 * len(shots) + 0.8), squeeze=False,
-                             sharey=True)
+    width = max(6.5, 1.6 + 1.5 * len(tasks))
+    fig, axes = plt.subplots(len(shots), 1, figsize=(width, 2.8 * len(shots) + 0.8), squeeze=False, sharey=True)
     for ax, k in zip(axes[:, 0], shots, strict=True):
         cells = {(r["task"], r["mode"]): r for r in rows if r["shots"] == k}
         present = [m for m in methods if any((t, m) in cells for t in tasks)]
@@ -75,10 +75,11 @@ def plot_accuracy(summary: Sequence[dict], path: Path, selection: str = "dev") -
         ax.set_ylim(0, 100)
     handles = {m: plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in methods}
     handles["chance"] = plt.Line2D([0], [0], color="grey", linestyle="dashed")
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize="small",
+    columns = max(1, min(len(handles), int(width // 2.2)))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=columns, fontsize="small",
                bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) // 4), 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * (-(-len(handles) // columns)), 1, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
