@@ -271,3 +271,6 @@ def test_the_tint_paper_preset_sets_the_protocol_and_explicit_arguments_win():
 def test_options_the_call_would_ignore_are_refused(extra, option, tmp_path):
     with pytest.raises(SystemExit, match=f"{option} would be ignored in this call"):
         main(["eval", "--model", "m", "--tasks", "MR", "--out", str(tmp_path / "o"), *extra])
+    if "--label-lrs" not in extra and "--train-on-query" not in extra:  # ppl shares the model options
+        with pytest.raises(SystemExit, match=f"{option} would be ignored in this call"):
+            main(["ppl", "--model", "m", *extra])

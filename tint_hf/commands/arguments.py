@@ -38,6 +38,7 @@ def bounded_below(low: float, inclusive: bool, what: str) -> Callable[[str], flo
 learning_rate = bounded_below(0, False, "a learning rate (a negative one ascends the loss)")
 learning_rate_or_zero = bounded_below(0, True, "a learning rate (0: no step; a negative one ascends the loss)")
 non_negative = bounded_below(0, True, "this value")
+positive = bounded_below(0, False, "this value")
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -85,4 +86,4 @@ class Distinct(argparse.Action):
 
 
 __all__ = ["at_least", "comma_list", "finite_float", "fraction", "learning_rate", "learning_rate_or_zero",
-           "non_negative", "Distinct"]
+           "non_negative", "positive", "Distinct"]

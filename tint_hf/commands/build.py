@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..models.tint import TinTForCausalLM
-from .arguments import at_least, learning_rate
+from .arguments import at_least, learning_rate, positive
 
 HELP = "Construct TinTForCausalLM from an auxiliary OPT / GPT-2 / Llama checkpoint and save it (safetensors + remote code)."
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner-lr", type=learning_rate, default=1e-6, help="Inner learning rate on the summed loss.")
     parser.add_argument("--backward", choices=["fd", "exact"], default="fd",
                         help="LayerNorm/activation backward: TinT's finite difference (default) or exact.")
-    parser.add_argument("--fd-scale", type=learning_rate, default=1000.0, help="N of the finite difference (default 1000).")
+    parser.add_argument("--fd-scale", type=positive, default=1000.0, help="N of the finite difference (default 1000).")
     parser.add_argument("--loss-gradient", choices=["ce", "quad", "uniform"], default="ce")
     parser.add_argument("--update-ln-gain", action="store_true", help="Also update LayerNorm gains (default: biases only).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -179,14 +179,13 @@ def loaded(option: str, name: str, load, **kwargs):
     """``load(name, **kwargs)``, with a failure on a name that is no local folder reported as such (transformers
     would say "Repo id must be in the form ..." or try the network)."""
     try:
-        result = load(name, **kwargs)
+        return load(name, **kwargs)
     except Exception as error:
         if Path(name).exists():
             raise
         raise FileNotFoundError(f"{option} {name}: no such local folder, and it did not load as a Hub id "
                                 f"({type(error).__name__}: {str(error)[:200]}). Give a folder with config.json "
                                 "(e.g. written by save_pretrained) or a Hub id on a machine with internet.") from None
-    return result.eval() if hasattr(result, "eval") and callable(getattr(result, "parameters", None)) else result
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
@@ -194,7 +193,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    model = loaded("--model", args.model, AutoModelForCausalLM.from_pretrained, dtype=DTYPES[args.dtype], **gguf)
+    model = loaded("--model", args.model, AutoModelForCausalLM.from_pretrained, dtype=DTYPES[args.dtype], **gguf).eval()
     tokenizer = loaded("--tokenizer" if args.tokenizer else "--model", args.tokenizer or args.model,
                        AutoTokenizer.from_pretrained, **({} if args.tokenizer else gguf))
     if tokenizer.pad_token_id is None:
@@ -212,7 +211,8 @@ def load_tint(args: argparse.Namespace, model: nn.Module) -> TintSource | None:
     if args.tint_model:
         from transformers import AutoModelForCausalLM
 
-        tint = loaded("--tint-model", args.tint_model, AutoModelForCausalLM.from_pretrained, dtype=DTYPES[args.dtype])
+        tint = loaded("--tint-model", args.tint_model, AutoModelForCausalLM.from_pretrained,
+                      dtype=DTYPES[args.dtype]).eval()
         if not isinstance(tint, TinTForCausalLM):
             raise ValueError(f"--tint-model {args.tint_model} holds a {type(tint).__name__}, not a TinT checkpoint; "
                              f"build one from --model with `tint-hf build --aux {args.model} --out DIR`, or drop "
@@ -268,23 +268,30 @@ def open_store(args: argparse.Namespace) -> RunStore:
 
 
 def refuse_ignored(args: argparse.Namespace, given: set[str]) -> None:
-    """Options the user gave (``given``: their names) that this call would not use are refused, with the reason."""
+    """Options the user gave (``given``: their names) that this call would not use are refused, with the reason.
+    Shared by ``eval`` and ``ppl`` (the options of :func:`add_model_arguments`; the rest only where they exist)."""
+    loss = getattr(args, "loss", ("context",))
     unused = {
         "tint_model": ("tint" not in args.modes, "applies to the tint mode only"),
         "num_prefixes": ("tint" not in args.modes or args.tint_model is not None,
                          "sets P when TinT is built here (tint mode, no --tint-model)"),
         "tint_approximations": ("dynamic" not in args.modes, "applies to the dynamic mode only"),
-        "label_lrs": ("label" not in args.loss, "applies to the label loss only (--loss label)"),
-        "train_on_query": (not set(args.train_on_query) - {"none"} <= set(args.modes) or "context" not in args.loss,
-                           "names adaptive modes that run with the context loss"),
+        "label_lrs": ("label" not in loss, "applies to the label loss only (--loss label)"),
+        "train_on_query": (not set(getattr(args, "train_on_query", ())) - {"none"} <= set(args.modes)
+                           or "context" not in loss, "names adaptive modes that run with the context loss"),
     }
     for name, (ignored, reason) in unused.items():
         if name in given and ignored:
             raise SystemExit(f"--{name.replace('_', '-')} would be ignored in this call: it {reason}.")
 
 
+def given_options(args: argparse.Namespace) -> set[str]:
+    """Names of the options the user gave (before :func:`resolve_defaults` fills the others)."""
+    return {name for name, value in vars(args).items() if value not in (None, False)}
+
+
 def run(args: argparse.Namespace) -> int:
-    given = {name for name, value in vars(args).items() if value not in (None, False)}
+    given = given_options(args)
     resolve_defaults(args)
     refuse_ignored(args, given)
     if not args.tasks:

@@ -17,7 +17,15 @@ from ..evaluation import DynamicSGD, PlainLM, TinTForward, block_perplexity, tex
 from ..evaluation.report import environment
 from ..simulate import Approximations
 from .arguments import at_least, fraction
-from .eval import add_model_arguments, layer_grid, load_model, load_tint, resolve_defaults
+from .eval import (
+    add_model_arguments,
+    given_options,
+    layer_grid,
+    load_model,
+    load_tint,
+    refuse_ignored,
+    resolve_defaults,
+)
 
 HELP = "Perplexity with in-context adaptation (icl = model as is, dynamic, tint) on blocks of a text corpus."
 
@@ -33,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    given = given_options(args)
     resolve_defaults(args)
+    refuse_ignored(args, given)
     if len(args.layers or ()) > 1:
         raise SystemExit(f"--layers {','.join(map(str, args.layers))}: ppl takes one value (run it once per value).")
     ((n_layers, n_steps),) = layer_grid(args)

@@ -590,9 +590,8 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         """
         unknown = sorted(set(construction) - {f.name for f in dataclasses.fields(TinTConfig)})
         if unknown:
-            raise TypeError(f"from_auxiliary got unknown TinTConfig fields {unknown}; the construction fields are "
-                            "num_prefixes, n_simulation_layers, n_steps, inner_lr, loss_gradient, backward, fd_scale, "
-                            "ln_bias_only, authors_fc2_bias_bug, default_train_fraction, num_attention_heads.")
+            own = sorted(set(TinTConfig.__annotations__) - {"aux_config"})  # TinT's own fields, not HF's generic ones
+            raise TypeError(f"from_auxiliary got unknown TinTConfig fields {unknown}; TinT's fields are {own}.")
         if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM
 
