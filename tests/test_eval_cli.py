@@ -88,13 +88,40 @@ def test_eval_errors_name_the_fix(checkpoint, tmp_path, capsys):
 
 
 def test_ppl_dynamic_with_zero_lr_equals_the_model_as_is(checkpoint, tmp_path):
-    out = tmp_path / "ppl.json"
+    out = tmp_path / "ppl"
     assert main(["ppl", "--model", str(checkpoint), "--modes", "icl,dynamic", "--lrs", "0,0.01", "--block-size", "32",
                  "--max-blocks", "3", "--quiet", "--out", str(out)]) == 0
-    results = {(r["mode"], r["lr"]): r for r in json.loads(out.read_text())["results"]}
+    results = {(r["mode"], r["lr"]): r for r in json.loads((out / "results.json").read_text())["results"]}
     assert results["dynamic", 0.0]["perplexity"] == pytest.approx(results["icl", None]["perplexity"], rel=1e-6)
     assert results["dynamic", 0.01]["perplexity"] != pytest.approx(results["icl", None]["perplexity"], rel=1e-6)
     assert results["icl", None]["tokens"] == 3 * 16
+
+
+def test_ppl_grid_resumes_adds_cells_and_refuses_other_inputs(checkpoint, tmp_path, capsys):
+    """Train fractions x block seeds x lrs: each cell once in records.jsonl; a later call adds cells and reads the
+    finished ones back (equal values); another text in the same --out is refused, --overwrite starts afresh."""
+    out = tmp_path / "ppl"
+    common = ["ppl", "--model", str(checkpoint), "--block-size", "32", "--max-blocks", "2", "--quiet",
+              "--out", str(out), "--modes", "icl,dynamic", "--lrs", "0.01"]
+    assert main(common + ["--train-fraction", "0.25,0.75", "--seeds", "1,2"]) == 0
+    first = {r["key"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert len(first) == 2 * 2 * 2
+    # the evaluated tokens follow the fraction: floor(0.25 * 32) = 8 training tokens -> 24 targets per block
+    assert {r["train_fraction"]: r["tokens"] for r in first.values()} == {0.25: 2 * 24, 0.75: 2 * 8}
+    capsys.readouterr()
+    assert main(common + ["--train-fraction", "0.25,0.5", "--seeds", "1,2"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    second = {r["key"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert {k: second[k] for k in second if k in first} == {k: first[k] for k in second if k in first}
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2 * 3 * 2
+    text = tmp_path / "other.txt"
+    text.write_text("Another corpus, long enough for a few blocks of thirty-two tokens. " * 40)
+    with pytest.raises(RunStoreError, match="text"):
+        main(common + ["--text-file", str(text)])
+    with pytest.raises(RunStoreError, match="block_size"):
+        main(common[:4] + ["24"] + common[5:])
+    assert main(common + ["--text-file", str(text), "--overwrite"]) == 0
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2
 
 
 def test_prepare_data_converts_to_the_canonical_layout(tmp_path):

@@ -12,6 +12,7 @@ from conftest import tiny_gpt2
 from tint_hf import TinTForCausalLM
 from tint_hf.assets import sample_text
 from tint_hf.evaluation import DynamicSGD, PlainLM, TinTForward, block_perplexity, text_blocks
+from tint_hf.evaluation.perplexity import summarize_perplexity
 from tint_hf.simulate import exact_step
 
 LR, FRACTION = 2e-2, 0.5
@@ -33,6 +34,36 @@ def test_blocks_are_consecutive_tokens_of_the_text(gpt2_tokenizer):
     assert blocks.shape == (len(ids) // 16, 16) and blocks.flatten().tolist() == ids[: blocks.numel()]
     with pytest.raises(ValueError, match="fewer than one block"):
         text_blocks(gpt2_tokenizer, "too short", 64)
+
+
+def test_a_block_seed_cuts_at_its_own_offset_and_draws_blocks_without_replacement(gpt2_tokenizer):
+    text = sample_text()[:4000]
+    ids = gpt2_tokenizer(text)["input_ids"]
+    joined = " ".join(map(str, ids))
+    drawn = {seed: text_blocks(gpt2_tokenizer, text, 16, max_blocks=5, seed=seed) for seed in (1, 2)}
+    for seed, blocks in drawn.items():
+        assert blocks.shape == (5, 16)
+        assert torch.equal(blocks, text_blocks(gpt2_tokenizer, text, 16, max_blocks=5, seed=seed))  # reproducible
+        starts = {joined.count(" ".join(map(str, b.tolist()))) for b in blocks}
+        assert starts == {1}  # each block is a run of consecutive tokens of the text, and they are distinct
+    assert not torch.equal(drawn[1], drawn[2])
+    every = text_blocks(gpt2_tokenizer, text, 16, seed=1)  # all blocks of seed 1's cut, in a random order
+    assert len(every) in (len(ids) // 16, len(ids) // 16 - 1)
+    assert {tuple(b.tolist()) for b in drawn[1]} <= {tuple(b.tolist()) for b in every}
+
+
+def test_perplexity_summary_picks_each_modes_best_lr_and_flags_grid_edges():
+    records = [dict(mode="icl", lr=None, train_fraction=0.5, seed=s, perplexity=p) for s, p in ((1, 10.0), (2, 12.0))]
+    grid = {1e-5: (10.0, 12.0), 1e-4: (9.0, 11.5), 1e-3: (9.5, 11.2)}  # means 11.0, 10.25, 10.35
+    records += [dict(mode="dynamic", lr=lr, train_fraction=0.5, seed=s, perplexity=p)
+                for lr, values in grid.items() for s, p in zip((1, 2), values, strict=True)]
+    records += [dict(mode="tint", lr=lr, train_fraction=0.5, seed=s, perplexity=11.0 - 1000 * lr)
+                for lr in (1e-5, 1e-4, 1e-3) for s in (1, 2)]
+    rows = {(r["mode"], r["lr"]): r for r in summarize_perplexity(records)}
+    assert rows["icl", None]["mean"] == 11.0 and rows["icl", None]["std"] == pytest.approx(math.sqrt(2))
+    assert rows["dynamic", 1e-4]["change"] == pytest.approx(10.25 - 11.0)
+    assert [lr for (mode, lr), r in rows.items() if r.get("best")] == [1e-4, 1e-3]
+    assert rows["dynamic", 1e-4]["at_edge"] is False and rows["tint", 1e-3]["at_edge"] is True
 
 
 def test_model_as_is_matches_the_hf_forward(setup):

@@ -2,6 +2,8 @@
 
 Blocks of ``--block-size`` tokens; the first ``--train-fraction`` of each block is the training part (context for
 ``icl``, the data of the SGD step for ``dynamic`` and ``tint``); perplexity is measured on the rest of each block.
+Several train fractions, learning rates and block seeds make a grid; with ``--out`` every finished cell is recorded in
+a run store (:mod:`tint_hf.runstore`), so a stopped run resumes and a run on other inputs is refused.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import torch
 
 from ..assets import sample_text
 from ..evaluation import DynamicSGD, PlainLM, TinTForward, block_perplexity, text_blocks
+from ..evaluation.perplexity import perplexity_table, summarize_perplexity
 from ..evaluation.report import environment
+from ..runstore import RunStore, fingerprint_json, fingerprint_model, fingerprint_tokenizer, versions
 from ..simulate import Approximations
-from .arguments import at_least, fraction
+from .arguments import at_least, comma_list, fraction
 from .eval import (
     add_model_arguments,
     given_options,
@@ -25,6 +29,7 @@ from .eval import (
     load_tint,
     refuse_ignored,
     resolve_defaults,
+    settings_of,
 )
 
 HELP = "Perplexity with in-context adaptation (icl = model as is, dynamic, tint) on blocks of a text corpus."
@@ -35,9 +40,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-file", type=Path, default=None,
                         help="UTF-8 text corpus (default: the shipped CC0 State of the Union sample).")
     parser.add_argument("--block-size", type=at_least(2), default=256)
-    parser.add_argument("--train-fraction", type=fraction, default=0.5)
-    parser.add_argument("--max-blocks", type=at_least(1), default=None)
-    parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--train-fraction", type=comma_list(fraction, unique=True), default=(0.5,),
+                        help="Fraction(s) of each block that form the training part, e.g. 0.25,0.5,0.75 (the paper's); "
+                             "default 0.5.")
+    parser.add_argument("--max-blocks", type=at_least(1), default=None,
+                        help="Blocks per seed (default: every block of the text).")
+    parser.add_argument("--seeds", dest="block_seeds", type=comma_list(at_least(0), unique=True), default=None,
+                        help="Block seeds: each cuts the text at its own random offset and draws --max-blocks blocks "
+                             "at random (default: one run on the blocks from the start of the text).")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Run folder: run.json, records.jsonl (one per cell; a stopped run resumes from them), "
+                             "results.json and summary.md.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Discard a previous run with other settings in --out instead of refusing.")
+
+
+# Which cells a call runs: each record's key names them, so a later call in the same --out may add cells.
+CELL_SELECTION = ("modes", "lrs", "train_fraction", "block_seeds", "max_blocks")
+
+
+def open_store(args: argparse.Namespace, model, tokenizer, text: str, tint) -> RunStore | None:
+    """The run store in ``--out`` (None without it), checked against this call's settings and inputs."""
+    if args.out is None:
+        return None
+    store = RunStore(args.out, "records.jsonl", overwrite=args.overwrite,
+                     also_remove=("results.json", "summary.md"),
+                     fresh_start="pass --overwrite to discard it, or use another --out")
+    store.check_settings(settings_of(args), free=CELL_SELECTION)
+    store.check_provenance("versions", versions())
+    store.check_provenance("model", fingerprint_model(model))
+    store.check_provenance("tokenizer", fingerprint_tokenizer(tokenizer))
+    store.check_provenance("text", fingerprint_json(text))
+    if isinstance(tint, torch.nn.Module):
+        store.check_provenance("tint_model", fingerprint_model(tint))
+    if store.records:
+        print(f"resuming {args.out}: {len(store.records)} finished cells are read back, not recomputed")
+    return store
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,27 +89,40 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--text-file {args.text_file} does not exist.")
     model, tokenizer = load_model(args)
     text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
-    blocks = text_blocks(tokenizer, text, args.block_size, args.max_blocks)
     tint = load_tint(args, model)
     if callable(tint) and not isinstance(tint, torch.nn.Module):
         tint = tint(n_layers, n_steps)
+    store = open_store(args, model, tokenizer, text, tint)
     approx = Approximations() if args.tint_approximations else None
-    results = []
-    for mode in args.modes:
-        for lr in (None,) if mode == "icl" else args.lrs:
-            if mode == "icl":
-                scorer = PlainLM(model)
-            elif mode == "dynamic":
-                scorer = DynamicSGD(model, lr, n_steps, n_layers, approximations=approx)
-            else:
-                scorer = TinTForward(tint, lr)
-            out = block_perplexity(scorer, blocks, args.train_fraction, batch_size=args.batch_size,
-                                   desc=f"{mode} lr={lr}", progress=not args.quiet)
-            results.append(dict(mode=mode, lr=lr, **out))
-            print(f"{mode:8s} lr={lr!s:8s} perplexity {out['perplexity']:.3f} on {out['tokens']} tokens")
+    records = []
+    for seed in args.block_seeds or (None,):
+        blocks = text_blocks(tokenizer, text, args.block_size, args.max_blocks, seed)
+        for train_fraction in args.train_fraction:
+            for mode in args.modes:
+                for lr in (None,) if mode == "icl" else args.lrs:
+                    key = f"{mode}|lr={lr}|fraction={train_fraction}|seed={seed}|blocks={len(blocks)}"
+                    record = store.get(key) if store is not None else None
+                    if record is None:
+                        if mode == "icl":
+                            scorer = PlainLM(model)
+                        elif mode == "dynamic":
+                            scorer = DynamicSGD(model, lr, n_steps, n_layers, approximations=approx)
+                        else:
+                            scorer = TinTForward(tint, lr)
+                        out = block_perplexity(scorer, blocks, train_fraction, batch_size=args.batch_size,
+                                               desc=f"{mode} lr={lr} fraction={train_fraction} seed={seed}",
+                                               progress=not args.quiet)
+                        record = dict(mode=mode, lr=lr, train_fraction=train_fraction, seed=seed,
+                                      blocks=len(blocks), **out)
+                        if store is not None:
+                            record = store.put(key, record)
+                    records.append(record)
+                    print(f"{mode:8s} lr={lr!s:8s} fraction={train_fraction} seed={seed}: perplexity "
+                          f"{record['perplexity']:.3f} on {record['tokens']} tokens")
+    summary = summarize_perplexity(records)
+    print(perplexity_table(summary))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        args.out.write_text(json.dumps(dict(arguments=arguments, environment=environment(), blocks=len(blocks),
-                                            results=results), indent=2) + "\n")
+        (args.out / "results.json").write_text(json.dumps(dict(arguments=settings_of(args), environment=environment(),
+                                                               summary=summary, results=records), indent=2) + "\n")
+        (args.out / "summary.md").write_text(perplexity_table(summary))
     return 0
