@@ -5,13 +5,17 @@ message naming the problem and the fix, never loaded with random or silently dro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_opt
+from conftest import run_without_tint_hf, tiny_llama, tiny_opt
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from tint_hf import MesaLlamaForCausalLM, MesaOPTForCausalLM
+
+SAVED_BEFORE = Path(__file__).parent / "fixtures" / "checkpoints"
 
 FAMILIES = {
     "opt": (lambda: MesaOPTForCausalLM.from_opt(tiny_opt(dtype=torch.float32), mesa_layers=[1],
@@ -129,3 +133,27 @@ def test_unknown_construction_arguments_are_refused():
 
     with pytest.raises(TypeError, match=r"unknown TinTConfig fields \['nump_prefixes'\].*num_prefixes"):
         TinTForCausalLM.from_auxiliary(tiny_opt(), nump_prefixes=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mesa_opt_v0", "mesa_llama_v0"])
+def test_a_checkpoint_saved_by_an_earlier_version_still_loads(name, tmp_path):
+    """tests/fixtures/checkpoints/*_v0 were saved at 7fa31e3, before the mesa files moved into one folder (from_opt /
+    from_llama of conftest's tiny models, float32, mesa parameters moved off their initialisation). Today's classes
+    load them whole and give the logits that the code saved inside each checkpoint gives, run with
+    ``trust_remote_code`` in a process without tint_hf."""
+    folder = SAVED_BEFORE / name
+    ids = torch.arange(3, 27).view(2, 12) % 64
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) in (MesaOPTForCausalLM, MesaLlamaForCausalLM)
+    with torch.no_grad():
+        logits = model(ids).logits
+    their = run_without_tint_hf(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            print(json.dumps(model(torch.tensor({ids.tolist()!r})).logits.tolist()))
+    """, tmp_path)
+    torch.testing.assert_close(logits, torch.tensor(json.loads(their.splitlines()[-1])), rtol=0, atol=1e-6)
