@@ -48,10 +48,10 @@ def make_inputs(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch
 
 
 def chunk_mesa_at(revision: str) -> Callable:
-    """``chunk_mesa`` of the mesa op file as committed at a git revision (tint_hf/ops/mesa.py, before that
-    tint_hf/models/mesa_opt/mesa_layer.py)."""
+    """``chunk_mesa`` of the mesa op file as committed at a git revision (tint_hf/models/mesa/mesa_op.py; before
+    that tint_hf/ops/mesa.py, and before that tint_hf/models/mesa_opt/mesa_layer.py)."""
     repo = Path(__file__).resolve().parents[1]
-    for op_file in ("tint_hf/ops/mesa.py", "tint_hf/models/mesa_opt/mesa_layer.py"):
+    for op_file in ("tint_hf/models/mesa/mesa_op.py", "tint_hf/ops/mesa.py", "tint_hf/models/mesa_opt/mesa_layer.py"):
         shown = subprocess.run(["git", "show", f"{revision}:{op_file}"], cwd=repo, capture_output=True, text=True)
         if shown.returncode == 0 and "def chunk_mesa(" in shown.stdout:
             source = shown.stdout

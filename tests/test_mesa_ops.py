@@ -124,7 +124,7 @@ def test_chunked_equals_recurrent(solver, chunk_size):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_fast_forms_equal_the_naive_reference(solver):
-    """tint_hf.ops.mesa_naive (dense per-token solves, textbook CG) against the chunked and recurrent forms, from a
+    """tint_hf.models.mesa.mesa_naive (dense per-token solves, textbook CG) against the chunked and recurrent forms, from a
     given state; and the naive exact solve against this file's own primal oracle."""
     q, k, v, lam, g, beta = make_inputs(length=29)
     state = random_state(2, 2, 8, 6)
@@ -191,7 +191,7 @@ def test_chunk_states_without_a_loop_keep_float32_precision():
     """The closed-form inter-chunk states equal the sequential recurrence X <- e^G X + dX: to rounding in float64, and
     in float32 over 300 strongly decaying chunks (running log-decay down to about -900) to 1e-6 relative, which
     differences of running totals of G would miss by 25x."""
-    from tint_hf.ops.mesa import _states_before_chunks
+    from tint_hf.models.mesa.mesa_op import _states_before_chunks
 
     gen = torch.Generator().manual_seed(0)
     log_decay = -6 * torch.rand(2, 1, 300, generator=gen, dtype=DT)

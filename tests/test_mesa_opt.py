@@ -11,7 +11,7 @@ from conftest import generate_in_a_process_without_tint_hf, tiny_opt
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from tint_hf import MesaOPTConfig, MesaOPTForCausalLM
-from tint_hf.models.mesa_opt import MesaStateLayer
+from tint_hf.models.mesa import MesaStateLayer
 
 MESA_PARAMETERS = {"lambda_params", "f_proj", "b_proj", "o_norm", "g_proj", "q_conv1d", "k_conv1d", "v_conv1d"}
 
@@ -235,6 +235,10 @@ def test_remote_code_loads_without_tint_hf(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mesa_opt.MesaOPTForCausalLM"
+    # exactly the files its model imports from tint_hf/models/mesa/ (not the other family's)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.py")) == [
+        "configuration_mesa.py", "configuration_mesa_opt.py", "mesa_layer.py", "mesa_op.py", "modeling_mesa.py",
+        "modeling_mesa_opt.py"]
     ids, mask = batch_with_left_padding()
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert generate_in_a_process_without_tint_hf(tmp_path / "ckpt", ids, mask, tmp_path) == expected.tolist()
@@ -339,7 +343,7 @@ def with_random_extras(model, seed=0):
 
 
 def test_short_convolution_is_a_causal_depthwise_conv1d_with_state_and_document_resets():
-    from tint_hf.models.mesa_opt.mesa_attention import MesaShortConvolution
+    from tint_hf.models.mesa.mesa_layer import MesaShortConvolution
 
     torch.manual_seed(0)
     conv = MesaShortConvolution(6, 4).double()

@@ -4,8 +4,14 @@ Importing the package registers its models with ``AutoConfig`` / ``AutoModel`` /
 """
 
 from . import assets
-from .models.mesa_llama import MesaLlamaConfig, MesaLlamaForCausalLM, MesaLlamaModel
-from .models.mesa_opt import MesaOPTConfig, MesaOPTForCausalLM, MesaOPTModel
+from .models.mesa import (
+    MesaLlamaConfig,
+    MesaLlamaForCausalLM,
+    MesaLlamaModel,
+    MesaOPTConfig,
+    MesaOPTForCausalLM,
+    MesaOPTModel,
+)
 from .models.tint import TinTAdaptation, TinTConfig, TinTForCausalLM, TinTModel
 
 __version__ = "0.1.0"

@@ -19,8 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
 from ._optional import require
-from .models.mesa_llama import MesaLlamaConfig, MesaLlamaForCausalLM
-from .models.mesa_opt import MesaOPTConfig, MesaOPTForCausalLM
+from .models.mesa import MesaLlamaConfig, MesaLlamaForCausalLM, MesaOPTConfig, MesaOPTForCausalLM
 from .models.tint import TinTConfig, TinTForCausalLM
 
 HUB_NAMESPACE = "tint-hf"

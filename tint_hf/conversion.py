@@ -31,9 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, OPTForCausalLM, PreTrainedModel
 
-from .models.mesa_llama import MesaLlamaForCausalLM
-from .models.mesa_llama.mesa_attention import MESA_PARAMETERS
-from .models.mesa_opt import MesaOPTForCausalLM
+from .models.mesa import MesaLlamaForCausalLM, MesaOPTForCausalLM
+from .models.mesa.mesa_layer import MESA_PARAMETERS
 from .runstore import RunStore, RunStoreError, fingerprint_model, fingerprint_tensors, versions
 
 STAGES = ("calibrate", "transfer", "finetune")
@@ -45,7 +44,7 @@ LORA_TARGETS = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj|o_proj)
 
 @dataclass
 class ConversionSettings:
-    """What :func:`convert` does. ``mesa``: extra :class:`~tint_hf.models.mesa_llama.mesa_config.MesaConfigMixin`
+    """What :func:`convert` does. ``mesa``: extra :class:`~tint_hf.models.mesa.configuration_mesa.MesaConfigMixin`
     fields (``mesa_solver``, ``cg_steps``, ...)."""
 
     mesa_layers: list[int]

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import OPTConfig, OPTModel
 from transformers.utils import ModelOutput
 
-from ..models.mesa_opt import MesaOPTConfig, MesaOPTModel
+from ..models.mesa import MesaOPTConfig, MesaOPTModel
 from .tasks import SyntheticTask
 
 BACKBONES = ("softmax", "mesa", "lsa")

@@ -4,13 +4,13 @@ attention (SmolLM2, Llama, ... : anything ``LlamaConfig`` describes)."""
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from .mesa_config import MesaConfigMixin
+from .configuration_mesa import MesaConfigMixin
 
 
 @strict
 class MesaLlamaConfig(MesaConfigMixin, LlamaConfig):
     r"""Configuration of a :class:`MesaLlamaForCausalLM`: every :class:`~transformers.LlamaConfig` field, the mesa
-    fields of ``MesaConfigMixin`` (``mesa_config.py``), and
+    fields of ``MesaConfigMixin`` (``configuration_mesa.py``), and
 
     Args:
         mesa_rope: rotate the mesa layers' queries and keys with the model's RoPE before their L2 normalisation

@@ -3,7 +3,7 @@
 Parameter names are those of :class:`~transformers.OPTForCausalLM` (``model.decoder.layers.{i}.self_attn.q_proj``
 ...), so every OPT weight is reused: :meth:`MesaOPTForCausalLM.from_opt` copies an OPT model and initialises only
 the new mesa parameters. Softmax layers use HF's own ``OPTAttention``; mesa layers the ``MesaAttention`` mixer of
-``mesa_attention.py`` (its maths is written out there; the op is ``mesa_op.py`` = ``tint_hf/ops/mesa.py``).
+``mesa_layer.py`` (its maths is written out there; the op is ``mesa_op.py``).
 
 Packed sequences (``position_ids`` that restart at 0 for each document, no ``attention_mask``, as
 ``DataCollatorWithFlattening`` makes them): mesa states and convolutions restart at each document and softmax
@@ -33,13 +33,11 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mesa_opt import MesaOPTConfig
-from .mesa_attention import (
+from .mesa_layer import MesaAttention, MesaStateLayer, init_mesa_parameters
+from .modeling_mesa import (
     MESA_STRUCTURE,
-    MesaAttention,
-    MesaStateLayer,
     WholeCheckpointMixin,
     causal_lm_outputs,
-    init_mesa_parameters,
     mesa_model_from_base,
     prepare_mesa_inputs,
 )
@@ -109,7 +107,7 @@ class MesaOPTPreTrainedModel(WholeCheckpointMixin, PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """OPT's normal(0, init_std) init, then the mesa parameters' (``init_mesa_parameters`` in
-        ``mesa_attention.py``; this runs after the module's children)."""
+        ``mesa_layer.py``; this runs after the module's children)."""
         super()._init_weights(module)
         init_mesa_parameters(module, self.config)
 

@@ -2,8 +2,8 @@
 
 Parameter names are those of :class:`~transformers.LlamaForCausalLM` (``model.layers.{i}.self_attn.q_proj`` ...), so
 :meth:`MesaLlamaForCausalLM.from_llama` reuses every weight and initialises only the mesa parameters. Softmax
-layers use HF's own ``LlamaAttention``; mesa layers the ``MesaAttention`` mixer of ``mesa_attention.py`` (maths
-there; op in ``mesa_op.py`` = ``tint_hf/ops/mesa.py``), with RoPE applied to their queries and keys before the L2
+layers use HF's own ``LlamaAttention``; mesa layers the ``MesaAttention`` mixer of ``mesa_layer.py`` (maths
+there; op in ``mesa_op.py``), with RoPE applied to their queries and keys before the L2
 normalisation (``mesa_rope``) and each grouped key/value head holding one state for its query heads.
 
 Positions follow HF's Llama: ``position_ids`` default to 0..T-1 after the cached tokens (``generate`` passes them
@@ -36,13 +36,11 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mesa_llama import MesaLlamaConfig
-from .mesa_attention import (
+from .mesa_layer import MesaAttention, MesaStateLayer, init_mesa_parameters
+from .modeling_mesa import (
     MESA_STRUCTURE,
-    MesaAttention,
-    MesaStateLayer,
     WholeCheckpointMixin,
     causal_lm_outputs,
-    init_mesa_parameters,
     mesa_model_from_base,
     prepare_mesa_inputs,
 )

@@ -1,6 +1,6 @@
 """The mesa-layer written as plainly as possible: one token at a time, every state and solve spelled out.
 
-A readable reference for :mod:`tint_hf.ops.mesa` (its fast forms must agree with it), not for speed. Per head, with
+A readable reference for :mod:`.mesa_op` (its fast forms must agree with it), not for speed. Per head, with
 gamma_t = exp(g_t):
 
     H_t = gamma_t H_{t-1} + beta_t k_t k_t^T,    S_t = gamma_t S_{t-1} + beta_t k_t v_t^T,

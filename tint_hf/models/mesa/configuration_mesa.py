@@ -1,7 +1,6 @@
 """The mesa-layer fields shared by the configurations of the mesa models (MesaOPT, MesaLlama).
 
-The model folders link this file as ``mesa_config.py``; a configuration is ``MesaConfigMixin`` + a transformers
-configuration (``class MesaOPTConfig(MesaConfigMixin, OPTConfig)``), so these are real dataclass fields of it.
+A configuration is ``MesaConfigMixin`` + a transformers configuration (``class MesaOPTConfig(MesaConfigMixin, OPTConfig)``), so these are real dataclass fields of it.
 """
 
 import math

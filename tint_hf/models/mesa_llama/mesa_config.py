@@ -1,1 +1,0 @@
-../../layers/mesa_config.py
