@@ -59,6 +59,10 @@ class StepContext:
         return StepContext(allowed=self.allowed[rows, :, :span, :span], train_tokens=self.train_tokens[rows, :span],
                            token_lr=self.token_lr[rows, :span], rotary=rotary)
 
+    def segments_end_at(self, start: int) -> bool:
+        """Whether no position from ``start`` on attends to one before it (packed segments ending there)."""
+        return not self.allowed[:, :, start:, :start].any()
+
     def window(self, start: int) -> StepContext:
         """The context of positions ``start:`` alone (exact only if they attend to nothing before ``start``)."""
         rotary = None if self.rotary is None else tuple(t[:, :, start:] for t in self.rotary)

@@ -11,7 +11,8 @@ forward pass on a sequence of T auxiliary tokens
 
 The pieces: :mod:`.simulated_modules` (each auxiliary operation and its backward as transformer
 modules on the prefix layout), :mod:`.blocks` (a forward block and a backward block per auxiliary layer),
-:mod:`.construction` (writing an auxiliary model's weights into the prefixes); this file holds the models.
+:mod:`.construction` (writing an auxiliary model's weights into the prefixes), :mod:`.adaptation` (the updated
+weights), :mod:`.sequence_masks` and :mod:`.outputs`; this file holds the models.
 """
 
 from __future__ import annotations
@@ -20,64 +21,30 @@ import dataclasses
 import json
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers import PreTrainedModel
 
+from .adaptation import TinTAdaptation, added_update, check_adaptation, distinct_rows, per_row
 from .auxiliary import auxiliary_spec, read_auxiliary, rotary_cos_sin
 from .blocks import StepContext, TinTBackwardBlock, TinTForwardBlock
 from .configuration_tint import TinTConfig
 from .construction import load_auxiliary_into
 from .dense_count import authors_dense_parameter_count
-from .sequence_masks import TargetMasks, build_target_masks, default_position_ids, gradient_span, next_token_nll
+from .generation import TinTGenerationMixin
+from .outputs import TinTCausalLMOutput, TinTModelOutput, as_requested, refuse_outputs
+from .sequence_masks import (
+    TargetMasks,
+    build_target_masks,
+    causal_allowed,
+    check_call_inputs,
+    default_position_ids,
+    eval_loss,
+    gradient_span,
+    window_start,
+)
 from .simulated_modules import TinTLossGradient, TinTNorm
-
-GENERATION_ARGUMENTS = ("train_mask", "loss_mask", "segment_ids", "position_ids", "inner_lr", "logits_to_keep",
-                        "adaptation")
-
-
-@dataclass
-class TinTAdaptation:
-    """The auxiliary weights after the simulated step(s), as they sit in the prefixes of the updated layers.
-
-    ``prefixes``: one dict per simulated (top) layer, prefix slot -> (R, P, D); ``final_prefix``: (R, P, D), where
-    R = 1 (one update shared by every row) or the batch size (one update per row). :meth:`TinTModel.adapt` returns
-    it; ``forward(..., adaptation=...)`` then predicts with these weights and skips the step, so one set of
-    demonstrations is trained on once and any number of later batches reuse it.
-    """
-
-    prefixes: list[dict[str, torch.Tensor]]
-    final_prefix: torch.Tensor
-    origin: tuple = ()  # TinTModel.origin() of the model that made it, checked when it is used
-
-    @property
-    def rows(self) -> int:
-        return self.final_prefix.shape[0]
-
-
-@dataclass
-class TinTModelOutput(ModelOutput):
-    """``last_hidden_state``: final-LN output after the simulated step(s) (B, T, d);
-    ``hidden_state_before``: the same for the first (un-updated) simulated pass, if requested;
-    ``eval_targets``: (B, T-1) bool, the positions whose next token is an evaluation target."""
-
-    last_hidden_state: torch.Tensor | None = None
-    hidden_state_before: torch.Tensor | None = None
-    eval_targets: torch.Tensor | None = None
-
-
-@dataclass
-class TinTCausalLMOutput(ModelOutput):
-    """``logits`` after the internal update; ``loss`` = mean NLL of ``labels`` on the evaluation part;
-    ``logits_before`` / ``loss_before`` for the auxiliary model before the update, if requested."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    logits_before: torch.Tensor | None = None
-    loss_before: torch.Tensor | None = None
 
 
 class TinTPreTrainedModel(PreTrainedModel):
@@ -180,15 +147,11 @@ class TinTModel(TinTPreTrainedModel):
                 output_hidden_states: bool | None = None, output_attentions: bool | None = None
                 ) -> TinTModelOutput | tuple:
         """Arguments as :meth:`TinTForCausalLM.forward`; returns final-LN outputs of the kept positions."""
-        _refuse_outputs(self, output_hidden_states, output_attentions)
+        refuse_outputs(self, output_hidden_states, output_attentions)
         if adaptation is not None:
-            train_mask = _no_step_arguments(input_ids, adaptation, train_mask, loss_mask, inner_lr)
-            if adaptation.origin != self.origin():
-                raise ValueError("This adaptation was made by another TinT model, or by this one before its weights, "
-                                 "dtype, device or simulated layers changed: its prefixes would be read as the wrong "
-                                 "weights. Call adapt(...) on this model (after the change) and pass that.")
+            train_mask = check_adaptation(input_ids, adaptation, train_mask, loss_mask, inner_lr, self.origin())
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
-        start = _window_start(masks, logits_to_keep)
+        start = window_start(masks, logits_to_keep)
         lr = self.step_sizes(inner_lr, input_ids.shape[0])  # (B, 1)
         continued, context = self._lower_layers(input_ids, masks, lr)
         hidden_before = None
@@ -200,7 +163,7 @@ class TinTModel(TinTPreTrainedModel):
         y = self._output_pass(continued, adaptation, context, start)
         output = TinTModelOutput(last_hidden_state=y, hidden_state_before=hidden_before,
                                  eval_targets=masks.eval[:, start:])
-        return _as_requested(self, output, return_dict)
+        return as_requested(self, output, return_dict)
 
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
@@ -246,15 +209,7 @@ class TinTModel(TinTPreTrainedModel):
         step = self._step(input_ids, masks, lr, continued, context)
         if add_to is None:
             return step
-        start = self.initial_adaptation(continued)
-
-        def added(base: torch.Tensor, new: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            # (base - w) is the earlier update, usually shared (R = 1): one per-row tensor is written, not three
-            return new + (base - w)
-
-        return TinTAdaptation([{slot: added(base[slot], new[slot], w[slot]) for slot in new}
-                               for base, new, w in zip(add_to.prefixes, step.prefixes, start.prefixes, strict=True)],
-                              added(add_to.final_prefix, step.final_prefix, start.final_prefix), step.origin)
+        return added_update(add_to, step, self.initial_adaptation(continued))
 
     def update_bytes_per_row(self) -> int:
         """Bytes one row's own update takes (its copy of every updated prefix): what a batch whose rows train on
@@ -289,7 +244,7 @@ class TinTModel(TinTPreTrainedModel):
             hidden = hidden + self.embed_positions(masks.position_ids + self.spec.position_offset)
         else:
             rotary = rotary_cos_sin(self.spec, masks.position_ids, hidden.dtype)
-        context = StepContext(allowed=_causal_allowed(masks.attention_mask, masks.segment_ids),
+        context = StepContext(allowed=causal_allowed(masks.attention_mask, masks.segment_ids),
                               train_tokens=masks.train_tokens,
                               token_lr=masks.train_tokens.to(hidden.dtype) * lr.to(hidden.dtype), rotary=rotary)
         for layer in self.layers[: L - n]:
@@ -308,7 +263,7 @@ class TinTModel(TinTPreTrainedModel):
         if span <= 1:
             return adaptation
         prefixes, final_prefix = adaptation.prefixes, adaptation.final_prefix
-        rows, group = _distinct_rows(input_ids, masks, span, lr)
+        rows, group = distinct_rows(input_ids, masks, span, lr)
         step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
         for _ in range(self.config.n_steps):
             y, memories, final_x_hat, final_x = self._simulated_forward(
@@ -320,12 +275,12 @@ class TinTModel(TinTPreTrainedModel):
                 self.config.backward, self.config.fd_scale)
             for i in reversed(range(self.config.n_simulation_layers)):
                 grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
-        return TinTAdaptation([{slot: _per_row(p, group) for slot, p in layer.items()} for layer in prefixes],
-                              _per_row(final_prefix, group), adaptation.origin)
+        return TinTAdaptation([{slot: per_row(p, group) for slot, p in layer.items()} for layer in prefixes],
+                              per_row(final_prefix, group), adaptation.origin)
 
     def _output_pass(self, hidden, adaptation: TinTAdaptation, context, start: int) -> torch.Tensor:
         """Final-LN outputs of positions ``start:``; when earlier segments are not needed, only those positions run."""
-        if start > 0 and _segments_end_at(context, start):
+        if start > 0 and context.segments_end_at(start):
             return self._simulated_forward(hidden[:, start:], adaptation, context.window(start))[0]
         return self._simulated_forward(hidden, adaptation, context)[0][:, start:]
 
@@ -364,101 +319,14 @@ class TinTModel(TinTPreTrainedModel):
                      train_mask: torch.Tensor | None, loss_mask: torch.Tensor | None,
                      position_ids: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> TargetMasks:
         """Validated masks of the call; without ``train_mask``, :meth:`default_train_mask`."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}; "
-                             "use input_ids[None] for a single sequence.")
-        vocab = self.spec.vocab_size
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
-            raise ValueError(f"input_ids must lie in [0, {vocab}) (the auxiliary vocabulary), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]; check the tokenizer.")
-        if input_ids.shape[1] > self.spec.max_positions:
-            raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds the auxiliary model's "
-                             f"{self.spec.max_positions} positions.")
-        if position_ids is not None and (position_ids.min() < 0 or position_ids.max() >= self.spec.max_positions):
-            raise ValueError(f"position_ids must lie in [0, {self.spec.max_positions}) (the auxiliary position "
-                             f"table), got values in [{int(position_ids.min())}, {int(position_ids.max())}].")
-        if position_ids is not None and segment_ids is None and position_ids.shape == input_ids.shape:
-            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            restart = (position_ids[:, 1:] <= position_ids[:, :-1]) & real[:, 1:] & real[:, :-1]
-            if bool(restart.any()):
-                raise ValueError("position_ids restart inside a row (packed documents), but without segment_ids "
-                                 "TinT lets every token attend to the whole row: pass segment_ids numbering the "
-                                 "documents (positions then restart by themselves), or one document per row.")
+        check_call_inputs(input_ids, attention_mask, position_ids, segment_ids, self.spec.vocab_size,
+                          self.spec.max_positions)
         if train_mask is None:
             train_mask = self.default_train_mask(input_ids, attention_mask)
         return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
 
 
-def _no_step_arguments(input_ids: torch.Tensor, adaptation: TinTAdaptation, train_mask: torch.Tensor | None,
-                       loss_mask: torch.Tensor | None, inner_lr) -> torch.Tensor:
-    """Check a call that predicts with a given ``adaptation`` (no step of its own); its all-zero train_mask."""
-    if not isinstance(adaptation, TinTAdaptation):
-        raise TypeError(f"adaptation must be a TinTAdaptation (from model.adapt(...)), got {type(adaptation).__name__}.")
-    if adaptation.rows not in (1, input_ids.shape[0]):
-        raise ValueError(f"adaptation holds {adaptation.rows} updates, but the batch has {input_ids.shape[0]} rows: "
-                         "adapt on one sequence (shared by every row) or on as many rows as the batch.")
-    for name, value in (("loss_mask", loss_mask), ("inner_lr", inner_lr)):
-        if value is not None:
-            raise ValueError(f"{name} has no effect with adaptation= (the step has already been taken): pass it "
-                             "to adapt(...) instead.")
-    if train_mask is not None and bool(train_mask.bool().any()):
-        raise ValueError("train_mask marks training tokens, but adaptation= skips the step: train with "
-                         "adapt(...) first, or drop adaptation to take the step in this pass.")
-    return torch.zeros_like(input_ids)
-
-
-def _distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int,
-                   lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One representative row per group of rows identical on their first ``span`` positions (tokens, masks,
-    positions, segments) and in their step size ``lr`` (B, 1), and each row's group index: (U,), (B,)."""
-    parts = [input_ids[:, :span], masks.attention_mask[:, :span].long(), masks.train_tokens[:, :span].long(),
-             masks.train[:, : span - 1].long(), masks.position_ids[:, :span], lr.view(torch.int64)]
-    if masks.segment_ids is not None:
-        parts.append(masks.segment_ids[:, :span])
-    key = torch.cat(parts, dim=1)
-    _, group = torch.unique(key, dim=0, return_inverse=True)
-    every = torch.arange(key.shape[0], device=key.device)
-    if int(group.max()) + 1 == key.shape[0]:  # all rows differ: run them in order (no copy of per-row prefixes)
-        return every, every
-    rows = torch.zeros(int(group.max()) + 1, dtype=torch.long, device=key.device)
-    rows.scatter_(0, group, every)
-    return rows, group
-
-
-def _window_start(masks: TargetMasks, logits_to_keep: int) -> int:
-    """First position whose output is returned: ``T - logits_to_keep`` (every position for 0)."""
-    length = masks.train_tokens.shape[1]
-    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-        raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps every position), got {logits_to_keep!r}.")
-    return length - logits_to_keep if 0 < logits_to_keep < length else 0
-
-
-def _segments_end_at(context: StepContext, start: int) -> bool:
-    """Whether no position from ``start`` on attends to one before it (packed segments ending there)."""
-    return not context.allowed[:, :, start:, :start].any()
-
-
-def _per_row(prefix: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Prefixes of the U groups (U, ...) -> of the B rows; shared ones (leading dim 1) and rows that are their own
-    groups in order (U = B) stay as they are."""
-    if prefix.shape[0] == 1 or prefix.shape[0] == group.shape[0]:
-        return prefix
-    return prefix[group]
-
-
-def _causal_allowed(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) real-token mask -> (B, 1, T, T) causal mask among real tokens (padded rows attend to themselves),
-    restricted to each token's own segment when ``segment_ids`` (B, T) is given."""
-    T = attention_mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
-    allowed = causal & attention_mask[:, None, None, :].bool()
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return allowed | eye
-
-
-class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
+class TinTForCausalLM(TinTGenerationMixin, TinTPreTrainedModel):
     """TinT with its LM head (tied to the auxiliary token embedding). See the module docstring."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -517,7 +385,7 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("TinT takes input_ids, not inputs_embeds: its inner step reads the auxiliary token ids "
                              "(loss gradient, tied embedding).")
-        _refuse_outputs(self, output_hidden_states, output_attentions)
+        refuse_outputs(self, output_hidden_states, output_attentions)
         out = self.model(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr,
                          return_hidden_before=return_logits_before, segment_ids=segment_ids,
                          logits_to_keep=logits_to_keep, adaptation=adaptation, return_dict=True)
@@ -529,11 +397,11 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
                                  f"{tuple(labels.shape)}.")
             labels = labels[:, input_ids.shape[1] - logits.shape[1]:]
-            loss = _eval_loss(logits, labels, out.eval_targets)
+            loss = eval_loss(logits, labels, out.eval_targets)
             if logits_before is not None:
-                loss_before = _eval_loss(logits_before, labels, out.eval_targets)
+                loss_before = eval_loss(logits_before, labels, out.eval_targets)
         output = TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
-        return _as_requested(self, output, return_dict)
+        return as_requested(self, output, return_dict)
 
     def update_bytes_per_row(self) -> int:
         """See :meth:`TinTModel.update_bytes_per_row`."""
@@ -547,37 +415,6 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         ``generate`` with ``adaptation=`` on any number of batches; ``add_to`` adds this step to an earlier one."""
         return self.model.adapt(input_ids, attention_mask, train_mask, loss_mask, position_ids, inner_lr, segment_ids,
                                 add_to)
-
-    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """``GenerationMixin.generate`` with TinT's arguments (``train_mask``, ``loss_mask``, ``segment_ids``,
-        ``inner_lr``, ``position_ids``) passed to every step; masks grow with the generated tokens, which are never
-        training tokens. Without ``train_mask`` the training part is :meth:`TinTModel.default_train_mask` of the
-        *prompt*, fixed for the whole generation (with ``adaptation=``: none, the step is already taken). Every step
-        re-runs the simulation on the sequence so far."""
-        prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        if kwargs.get("train_mask") is None and kwargs.get("adaptation") is None and prompt is not None:
-            kwargs["train_mask"] = self.model.default_train_mask(prompt, kwargs.get("attention_mask"))
-        return super().generate(inputs, generation_config, **kwargs)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                                      **kwargs) -> dict:
-        """The whole sequence so far (no cache) and the call's TinT arguments."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        inputs.update({name: kwargs[name] for name in GENERATION_ARGUMENTS if kwargs.get(name) is not None})
-        return inputs
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False,
-                                            num_new_tokens: int = 1) -> dict:
-        """HF's update (attention mask, positions), then the TinT masks over the new tokens: ``train_mask`` and
-        ``loss_mask`` 0, ``segment_ids`` those of the last segment."""
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
-                                                                   num_new_tokens)
-        for name in ("train_mask", "loss_mask", "segment_ids"):
-            if (mask := model_kwargs.get(name)) is not None:
-                new = mask[:, -1:].expand(-1, num_new_tokens) if name == "segment_ids" else mask.new_zeros(
-                    mask.shape[0], num_new_tokens)
-                model_kwargs[name] = torch.cat([mask, new], dim=-1)
-        return model_kwargs
 
     @classmethod
     def from_auxiliary(cls, model_or_path: nn.Module | str, dtype: torch.dtype | None = None,
@@ -612,19 +449,6 @@ class TinTForCausalLM(TinTPreTrainedModel, GenerationMixin):
         return model.eval()
 
 
-def _refuse_outputs(model: nn.Module, output_hidden_states: bool | None, output_attentions: bool | None) -> None:
-    """TinT's internal states are not the auxiliary model's: asking for them (argument or config) raises."""
-    for name, flag in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
-        if flag if flag is not None else getattr(model.config, name, False):
-            raise ValueError(f"{type(model).__name__} does not return {name.removeprefix('output_')}; drop "
-                             f"{name}=True (argument or config).")
-
-
-def _as_requested(model: nn.Module, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
-    """``output``, or its tuple when ``return_dict`` (default ``config.return_dict``) is False."""
-    return output if (model.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
-
-
 def _refuse_partial_load(what: str, info: dict) -> None:
     """Raise if ``from_pretrained``'s loading info reports weights that were not loaded exactly."""
     problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
@@ -635,11 +459,3 @@ def _refuse_partial_load(what: str, info: dict) -> None:
                          "these weights (and was not edited), or rebuild with TinTForCausalLM.from_auxiliary.")
 
 
-def _eval_loss(logits: torch.Tensor, labels: torch.Tensor, eval_targets: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of ``labels`` at evaluation targets (B, T-1) (labels equal to -100 are ignored)."""
-    valid = eval_targets & (labels[:, 1:] != -100)
-    if not valid.any():
-        raise ValueError("No evaluation target for the loss: every predicted token is in the training part (or its "
-                         "label is -100). Leave part of each sequence out of train_mask, or drop labels.")
-    nll = next_token_nll(logits, labels.clamp(min=0))
-    return (nll * valid).sum() / valid.sum()

@@ -110,3 +110,58 @@ def gradient_span(masks: TargetMasks) -> int:
     0 if there is none."""
     positions = masks.train.any(0).nonzero()
     return 0 if positions.numel() == 0 else int(positions.max()) + 2
+
+
+def check_call_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                      segment_ids: torch.Tensor | None, vocab: int, max_positions: int) -> None:
+    """Refuse ids outside the vocabulary, sequences or positions beyond the position table, and packed documents
+    (positions restarting inside a row) without ``segment_ids``, naming the argument and the fix."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}; "
+                         "use input_ids[None] for a single sequence.")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        raise ValueError(f"input_ids must lie in [0, {vocab}) (the auxiliary vocabulary), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]; check the tokenizer.")
+    if input_ids.shape[1] > max_positions:
+        raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds the auxiliary model's "
+                         f"{max_positions} positions.")
+    if position_ids is not None and (position_ids.min() < 0 or position_ids.max() >= max_positions):
+        raise ValueError(f"position_ids must lie in [0, {max_positions}) (the auxiliary position "
+                         f"table), got values in [{int(position_ids.min())}, {int(position_ids.max())}].")
+    if position_ids is not None and segment_ids is None and position_ids.shape == input_ids.shape:
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        restart = (position_ids[:, 1:] <= position_ids[:, :-1]) & real[:, 1:] & real[:, :-1]
+        if bool(restart.any()):
+            raise ValueError("position_ids restart inside a row (packed documents), but without segment_ids "
+                             "TinT lets every token attend to the whole row: pass segment_ids numbering the "
+                             "documents (positions then restart by themselves), or one document per row.")
+
+
+def causal_allowed(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) real-token mask -> (B, 1, T, T) causal mask among real tokens (padded rows attend to themselves),
+    restricted to each token's own segment when ``segment_ids`` (B, T) is given."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    allowed = causal & attention_mask[:, None, None, :].bool()
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return allowed | eye
+
+
+def window_start(masks: TargetMasks, logits_to_keep: int) -> int:
+    """First position whose output is returned: ``T - logits_to_keep`` (every position for 0)."""
+    length = masks.train_tokens.shape[1]
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps every position), got {logits_to_keep!r}.")
+    return length - logits_to_keep if 0 < logits_to_keep < length else 0
+
+
+def eval_loss(logits: torch.Tensor, labels: torch.Tensor, eval_targets: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of ``labels`` at evaluation targets (B, T-1) (labels equal to -100 are ignored)."""
+    valid = eval_targets & (labels[:, 1:] != -100)
+    if not valid.any():
+        raise ValueError("No evaluation target for the loss: every predicted token is in the training part (or its "
+                         "label is -100). Leave part of each sequence out of train_mask, or drop labels.")
+    nll = next_token_nll(logits, labels.clamp(min=0))
+    return (nll * valid).sum() / valid.sum()
