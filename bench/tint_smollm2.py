@@ -55,7 +55,8 @@ def eval_nll(method, model, ids: torch.Tensor, lr: float, batch: int) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="assets/smollm2-135m")
+    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m",
+                        help="SmolLM2-135M folder (default: the repository's assets/, from any working directory)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--dev-blocks", type=int, default=4)
     parser.add_argument("--eval-blocks", type=int, default=16)

@@ -46,7 +46,7 @@ def load_mesa_opt(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
                                               ("chunk_size", args.chunk_size)) if value is not None}
     mesa = dict(mesa_layers=args.mesa_layers or "all", **{**SOLVER_DEFAULTS, **solver})
     if args.model is None:
-        from tint_hf.commands.demo import tiny_demo_model
+        from tint_hf.assets import tiny_demo_model
 
         tokenizer = load_gpt2_tokenizer()
         opt = tiny_demo_model(len(tokenizer), args.seed)

@@ -182,7 +182,7 @@ def load_tint(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
                         n_simulation_layers=args.n_simulation_layers,
                         **{"inner_lr": 1e-2, **overrides})
     if args.model is None:
-        from tint_hf.commands.demo import tiny_demo_model
+        from tint_hf.assets import tiny_demo_model
 
         tokenizer = load_gpt2_tokenizer()
         aux = tiny_demo_model(len(tokenizer), args.seed)

@@ -77,3 +77,28 @@ def test_bad_numbers_are_refused_by_the_parser(argv, option, says, capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert option in error and says in error
+
+
+@pytest.mark.parametrize("command", ["demo", "build", "push", "eval", "ppl", "prepare-data", "synthetic",
+                                     "convert-mesa"])
+def test_help_shows_the_defaults_declared_where_they_are_used(command, capsys):
+    """Every option with a default shows it in --help, and the defaults are those of the class that uses them:
+    ConversionSettings / MesaOPTConfig for convert-mesa, TinTConfig for build, DEFAULTS for eval / ppl."""
+    from tint_hf.commands.common import DEFAULTS
+    from tint_hf.conversion import ConversionSettings
+    from tint_hf.models.tint import TinTConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    expected = {
+        "convert-mesa": [f"(default: {ConversionSettings.transfer_steps})", "(default: cg)",
+                         f"(default: {','.join(ConversionSettings.stages)})"],
+        "build": [f"(default: {TinTConfig.inner_lr})", f"(default: {TinTConfig.fd_scale})"],
+        "eval": [f"(default: {DEFAULTS['lrs'][0]};", f"(default: {','.join(map(str, DEFAULTS['shots']))};"],
+        "ppl": ["(default: 256)", "(default: 8)"],
+    }.get(command, [])
+    for fragment in expected:
+        assert fragment in text, fragment
+    assert "(default: None)" not in text and "(default: False)" not in text

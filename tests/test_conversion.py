@@ -210,9 +210,8 @@ def test_bad_conversion_requests_are_refused():
 
 
 def test_convert_mesa_cli_runs_every_stage_on_a_local_model(tmp_path, capsys):
-    from tint_hf.assets import load_gpt2_tokenizer
+    from tint_hf.assets import load_gpt2_tokenizer, tiny_demo_model
     from tint_hf.cli import console_main
-    from tint_hf.commands.demo import tiny_demo_model
 
     tokenizer = load_gpt2_tokenizer()
     tiny_demo_model(len(tokenizer)).save_pretrained(tmp_path / "opt")
@@ -232,9 +231,8 @@ def test_convert_mesa_cli_runs_every_stage_on_a_local_model(tmp_path, capsys):
 
 def test_convert_mesa_cli_holds_out_a_shipped_address(tmp_path, capsys):
     """--held-out-address 1964: the teacher's recorded perplexity is HF's own loss on the 1964 address alone."""
-    from tint_hf.assets import load_gpt2_tokenizer, sample_speeches
+    from tint_hf.assets import load_gpt2_tokenizer, sample_speeches, tiny_demo_model
     from tint_hf.cli import console_main
-    from tint_hf.commands.demo import tiny_demo_model
 
     tokenizer = load_gpt2_tokenizer()
     teacher = tiny_demo_model(len(tokenizer)).eval()

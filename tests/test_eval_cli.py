@@ -255,7 +255,8 @@ def test_a_resumed_eval_refuses_changed_inputs_and_damaged_cells(checkpoint, tmp
 def test_the_tint_paper_preset_sets_the_protocol_and_explicit_arguments_win():
     import argparse
 
-    from tint_hf.commands.eval import add_arguments, layer_grid, mode_configs, resolve_defaults
+    from tint_hf.commands.common import layer_grid, resolve_defaults
+    from tint_hf.commands.eval import add_arguments, mode_configs
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -13,6 +13,8 @@ import sys
 
 from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
 
+from .commands.arguments import DefaultsFormatter
+
 SUBCOMMANDS: dict[str, str] = {
     "demo": "tint_hf.commands.demo",
     "build": "tint_hf.commands.build",
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP,
+                                            formatter_class=DefaultsFormatter))
     return parser
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from collections.abc import Callable
 
@@ -75,6 +76,62 @@ def comma_list(item: Callable[[str], object], unique: bool = False) -> Callable[
     return parse
 
 
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names: ``SST2,MR`` -> ("SST2", "MR")."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def choices(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """A non-empty comma-separated subset of ``allowed``."""
+    def parse(text: str) -> tuple[str, ...]:
+        values = names(text)
+        bad = [n for n in values if n not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated subset of {', '.join(allowed)}")
+        return values
+    return parse
+
+
+def field_default(cls: type, name: str):
+    """The default of dataclass field ``name`` of ``cls`` (a config or settings class): where a command's option
+    takes its default, so that it is declared once."""
+    import dataclasses
+
+    (field,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()
+
+
+def shown(value) -> str:
+    """A default as a user types it: tuples and lists comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default (read from the parser, where it is declared), unless the help text
+    already says what the default is or there is none (None, False, a required option)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and self._default(action) is not None:
+            action = copy.copy(action)  # an option without help text still shows its default
+            action.help = f"(default: {shown(self._default(action)).replace('%', '%%')})"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", self._default(action)
+        if default is None or "default" in text.lower():
+            return text
+        return f"{text} (default: {shown(default).replace('%', '%%')})".lstrip()
+
+    @staticmethod
+    def _default(action: argparse.Action):
+        """The default worth showing, or None (none, False, suppressed, or a required option)."""
+        if action.required or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return None
+        return action.default
+
+
 class Distinct(argparse.Action):
     """For ``nargs="+"`` options: refuse repeated values (``--seeds 0 0`` would average two copies of one run)."""
 
@@ -85,5 +142,5 @@ class Distinct(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-__all__ = ["at_least", "comma_list", "finite_float", "fraction", "learning_rate", "learning_rate_or_zero",
-           "non_negative", "positive", "Distinct"]
+__all__ = ["DefaultsFormatter", "Distinct", "at_least", "choices", "comma_list", "field_default", "finite_float", "fraction",
+           "learning_rate", "learning_rate_or_zero", "names", "non_negative", "positive", "shown"]

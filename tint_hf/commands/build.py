@@ -6,13 +6,11 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from ..models.tint import TinTForCausalLM
-from .arguments import at_least, learning_rate, positive
+from ..models.tint import TinTConfig, TinTForCausalLM
+from .arguments import at_least, field_default, learning_rate, positive
+from .common import DTYPES
 
 HELP = "Construct TinTForCausalLM from an auxiliary OPT / GPT-2 / Llama checkpoint and save it (safetensors + remote code)."
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,12 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="P, number of prefix embeddings (default: the divisor of d nearest d / 3, e.g. 256 for "
                              "OPT-125M, 192 for SmolLM2-135M).")
     parser.add_argument("--n-simulation-layers", type=at_least(1), default=None, help="Top layers updated (default: all).")
-    parser.add_argument("--n-steps", type=at_least(1), default=1, help="Simulated SGD steps (default 1).")
-    parser.add_argument("--inner-lr", type=learning_rate, default=1e-6, help="Inner learning rate on the summed loss.")
-    parser.add_argument("--backward", choices=["fd", "exact"], default="fd",
-                        help="LayerNorm/activation backward: TinT's finite difference (default) or exact.")
-    parser.add_argument("--fd-scale", type=positive, default=1000.0, help="N of the finite difference (default 1000).")
-    parser.add_argument("--loss-gradient", choices=["ce", "quad", "uniform"], default="ce")
+    def default(name: str):
+        return field_default(TinTConfig, name)
+
+    parser.add_argument("--n-steps", type=at_least(1), default=default("n_steps"), help="Simulated SGD steps.")
+    parser.add_argument("--inner-lr", type=learning_rate, default=default("inner_lr"),
+                        help="Inner learning rate on the summed loss.")
+    parser.add_argument("--backward", choices=["fd", "exact"], default=default("backward"),
+                        help="LayerNorm/activation backward: TinT's finite difference (fd) or exact.")
+    parser.add_argument("--fd-scale", type=positive, default=default("fd_scale"), help="N of the finite difference.")
+    parser.add_argument("--loss-gradient", choices=["ce", "quad", "uniform"], default=default("loss_gradient"))
     parser.add_argument("--update-ln-gain", action="store_true", help="Also update LayerNorm gains (default: biases only).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--max-shard-size", default="5GB")

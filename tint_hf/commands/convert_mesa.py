@@ -14,8 +14,11 @@ import json
 from pathlib import Path
 
 from ..assets import sample_text
-from .arguments import at_least, fraction, learning_rate, non_negative
-from .eval import DTYPES, load_model
+from ..conversion import LORA_TARGETS, STAGES, ConversionSettings
+from ..models.mesa import MesaOPTConfig
+from ..models.mesa.mesa_op import SOLVERS
+from .arguments import at_least, choices, field_default, fraction, learning_rate, non_negative
+from .common import add_loading_arguments, load_model
 
 HELP = "Convert chosen layers of an OPT / Llama-family model to mesa layers: calibrate, attention transfer, LoRA + KL."
 
@@ -28,27 +31,28 @@ def _layers(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="OPT or Llama-family causal LM: a local folder or a Hub id.")
-    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder or id (default: --model).")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model (dequantised; needs `gguf`).")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_loading_arguments(parser, "OPT or Llama-family causal LM: a local folder or a Hub id.")
     parser.add_argument("--layers", type=_layers, required=True, help="Decoder layers to convert, e.g. 26,27,28,29.")
-    parser.add_argument("--solver", default="cg", help="mesa_solver: exact, cg, cg1 or gd (linear attention).")
-    parser.add_argument("--cg-steps", type=at_least(1), default=30)
-    parser.add_argument("--short-conv-size", type=at_least(0), default=0, help="MesaNet's short convolution width (0: off).")
+    parser.add_argument("--solver", choices=SOLVERS, default=field_default(MesaOPTConfig, "mesa_solver"),
+                        help="mesa_solver (gd: linear attention).")
+    parser.add_argument("--cg-steps", type=at_least(1), default=field_default(MesaOPTConfig, "cg_steps"))
+    parser.add_argument("--short-conv-size", type=at_least(0), default=field_default(MesaOPTConfig, "short_conv_size"), help="MesaNet's short convolution width (0: off).")
     parser.add_argument("--output-gate", action="store_true", help="MesaNet's SiLU output gate.")
-    parser.add_argument("--stages", default="calibrate,transfer,finetune",
-                        help="Comma-separated stages after the initialisation, in order.")
-    parser.add_argument("--transfer-steps", type=at_least(0), default=200)
-    parser.add_argument("--transfer-lr", type=learning_rate, default=1e-3)
+    def default(name: str):
+        return field_default(ConversionSettings, name)
+
+    parser.add_argument("--stages", type=choices(STAGES), default=default("stages"),
+                        help=f"Comma-separated stages after the initialisation, in the order {','.join(STAGES)}.")
+    parser.add_argument("--transfer-steps", type=at_least(0), default=default("transfer_steps"))
+    parser.add_argument("--transfer-lr", type=learning_rate, default=default("transfer_lr"))
     parser.add_argument("--train-qkv", action="store_true", help="Attention transfer also trains q/k/v.")
-    parser.add_argument("--finetune-steps", type=at_least(0), default=200)
-    parser.add_argument("--finetune-lr", type=learning_rate, default=5e-4)
-    parser.add_argument("--lora-rank", type=at_least(1), default=8)
-    parser.add_argument("--lora-target", choices=["attention", "mlp"], default="attention",
+    parser.add_argument("--finetune-steps", type=at_least(0), default=default("finetune_steps"))
+    parser.add_argument("--finetune-lr", type=learning_rate, default=default("finetune_lr"))
+    parser.add_argument("--lora-rank", type=at_least(1), default=default("lora_rank"))
+    parser.add_argument("--lora-target", choices=sorted(LORA_TARGETS), default=default("lora_target"),
                         help="Projections of the converted layers that LoRA fine-tunes.")
-    parser.add_argument("--kl-weight", type=non_negative, default=1.0)
-    parser.add_argument("--batch-size", type=at_least(1), default=4)
+    parser.add_argument("--kl-weight", type=non_negative, default=default("kl_weight"))
+    parser.add_argument("--batch-size", type=at_least(1), default=default("batch_size"))
     parser.add_argument("--block-size", type=at_least(2), default=256)
     parser.add_argument("--text-file", type=Path, default=None, help="UTF-8 training text (default: shipped sample).")
     parser.add_argument("--eval-fraction", type=fraction, default=None,
@@ -56,14 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out-address", default=None,
                         help="Split the shipped sample by address instead: hold out the addresses whose heading "
                              "starts with this (e.g. 1964), train on the others (not with --text-file).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=at_least(0), default=default("seed"))
     parser.add_argument("--out", type=Path, required=True, help="Output folder (one sub-folder per stage).")
     parser.add_argument("--no-plot", action="store_true", help="Skip losses.png (no matplotlib needed).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..conversion import ConversionSettings, convert
+    from ..conversion import convert
     from ..evaluation import address_split, text_blocks
 
     if args.text_file is not None and not args.text_file.is_file():
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     mesa = dict(mesa_solver=args.solver, cg_steps=args.cg_steps, short_conv_size=args.short_conv_size,
                 use_output_gate=args.output_gate)
     settings = ConversionSettings(
-        mesa_layers=args.layers, mesa=mesa, stages=tuple(s for s in args.stages.split(",") if s),
+        mesa_layers=args.layers, mesa=mesa, stages=args.stages,
         transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr, train_qkv=args.train_qkv,
         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank,
         lora_target=args.lora_target, kl_weight=args.kl_weight, batch_size=args.batch_size, seed=args.seed)

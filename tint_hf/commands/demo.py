@@ -6,9 +6,9 @@ import argparse
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import AutoModelForCausalLM
 
-from ..assets import load_gpt2_tokenizer, sample_text
+from ..assets import load_gpt2_tokenizer, sample_text, tiny_demo_model
 from ..models.tint import TinTForCausalLM
 from ..simulate import Approximations, exact_step, tint_step
 from .arguments import at_least, fraction, learning_rate
@@ -28,14 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-layers", type=at_least(1), default=None, help="Update the top N layers (default: all).")
     parser.add_argument("--num-prefixes", type=at_least(1), default=16, help="TinT prefix embeddings (default: 16).")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def tiny_demo_model(vocab_size: int, seed: int = 0) -> OPTForCausalLM:
-    """A 2-layer OPT (d=64) sized for the GPT-2 BPE vocabulary, randomly initialised."""
-    torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
-                       max_position_embeddings=1024, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0)
-    return OPTForCausalLM(config).eval()
 
 
 def run(args: argparse.Namespace) -> int:

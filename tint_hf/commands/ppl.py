@@ -21,7 +21,7 @@ from ..evaluation.report import environment
 from ..runstore import RunStore, fingerprint_json, fingerprint_model, fingerprint_tokenizer, versions
 from ..simulate import Approximations
 from .arguments import at_least, comma_list, fraction
-from .eval import (
+from .common import (
     add_model_arguments,
     given_options,
     layer_grid,

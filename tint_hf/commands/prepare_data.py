@@ -10,13 +10,13 @@ import argparse
 from pathlib import Path
 
 from ..evaluation import get_task, load_examples, write_jsonl
-from .eval import _names
+from .arguments import names
 
 HELP = "Save task data as OUT/<Task>/{train,test}.jsonl for offline evaluation (from the HF Hub or local files)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", type=_names, required=True, help="Comma-separated task names.")
+    parser.add_argument("--tasks", type=names, required=True, help="Comma-separated task names.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hub", action="store_true", help="Download from the HF Hub (needs internet).")
