@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "prepare-data": "tint_hf.commands.prepare_data",
     "synthetic": "tint_hf.commands.synthetic",
     "convert-mesa": "tint_hf.commands.convert_mesa",
+    "lm-eval": "tint_hf.commands.lm_eval_cli",
 }
 
 

@@ -46,16 +46,14 @@ def export_lm_eval_task(folder: str | Path, name: str, task: Task, template_id: 
     template = task.template(template_id)
     if template.label_delimiter != " " or not name.isidentifier():
         raise ValueError("lm-eval tasks need an identifier name and the ' ' label delimiter.")
-    write_jsonl(demos, folder / f"{name}.fewshot.jsonl")
     write_jsonl(examples, folder / f"{name}.test.jsonl")
-    config = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"fewshot": str((folder / f"{name}.fewshot.jsonl").resolve()),
-                                          "test": str((folder / f"{name}.test.jsonl").resolve())}},
-        "test_split": "test",
-        "fewshot_split": "fewshot",
-        "fewshot_config": {"sampler": "first_n"},
+    files = {"test": str((folder / f"{name}.test.jsonl").resolve())}
+    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files}, "test_split": "test"}
+    if demos:  # a 0-shot task declares no few-shot split (lm-eval would look for documents in it and fail)
+        write_jsonl(demos, folder / f"{name}.fewshot.jsonl")
+        files["fewshot"] = str((folder / f"{name}.fewshot.jsonl").resolve())
+        config.update(fewshot_split="fewshot", fewshot_config={"sampler": "first_n"})
+    config.update({
         "output_type": "multiple_choice",
         "doc_to_text": jinja_prompt(template.prompt),
         "doc_to_target": "label",
@@ -64,7 +62,7 @@ def export_lm_eval_task(folder: str | Path, name: str, task: Task, template_id: 
         "fewshot_delimiter": template.demo_separator,
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0, "source": f"tint_hf {task.name} template {template_id}"},
-    }
+    })
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return path
