@@ -18,8 +18,8 @@ Then (``lm_eval`` installed; ``--include_path`` makes it find the YAML)::
 ``acc`` there equals our ``icl`` mode with ``--calibration none`` (the sum of label-token log-probabilities; tested
 in ``tests/test_eval_lm_eval.py``). lm-eval's ``acc_mutual_info`` is *not* the paper's ``icl_sfc``. HFLM pads with
 token 0 and passes no attention mask, which is harmless for a plain causal LM; a TinT checkpoint loaded by HFLM gets
-no ``train_mask`` and falls back to its ``default_train_fraction``, so use ``tint-hf eval --modes tint`` for TinT and
-dynamic evaluation.
+no ``train_mask`` and falls back to its ``default_train_fraction``: for TinT and dynamic evaluation use the
+``tint-hf`` lm-eval model (:mod:`tint_hf.evaluation.lm_eval_models`, ``tint-hf lm-eval run --model tint-hf ...``).
 """
 
 from __future__ import annotations
