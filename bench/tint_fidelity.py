@@ -1,7 +1,7 @@
 """How closely TinT's one forward pass matches (a) the auxiliary model, (b) the reference approximate step
 ``tint_step`` it simulates, and (c) exact SGD (``exact_step``), in float64 and float32.
 
-    python bench/tint_fidelity.py
+    python bench/tint_fidelity.py [--record]      # --record: write tint_hf/data/results/tint_fidelity.json
 
 Random small auxiliary models (OPT with ReLU, GPT-2 with gelu_new, Llama with RMSNorm / SwiGLU (d_ff=344) / RoPE /
 2 KV heads; d=128, 4 layers, 4 heads, vocab 512),
@@ -11,13 +11,20 @@ L2 errors; "delta" means the change of the logits caused by the step.
 
 from __future__ import annotations
 
+import argparse
+import json
+from datetime import date
+from pathlib import Path
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+import tint_hf
 from tint_hf import TinTForCausalLM
 from tint_hf.simulate import Approximations, exact_step, select_parameters, tint_step
 
 LR = 1e-2
+RECORD = Path(tint_hf.__file__).parent / "data" / "results" / "tint_fidelity.json"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,6 +78,10 @@ def measure(family: str, dtype: torch.dtype, backward: str) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--record", action="store_true",
+                        help=f"also write the table to {RECORD.relative_to(RECORD.parents[3])} (the model cards quote it)")
+    args = parser.parse_args()
     print(__doc__.strip().splitlines()[0])
     rows = []
     for family in ("opt", "gpt2", "llama"):
@@ -83,6 +94,12 @@ def main() -> None:
     for (family, dtype, backward), values in rows:
         cells = [v if isinstance(v, str) else f"{v:.2e}" for v in values.values()]
         print(f"| {family} | {dtype} | {backward} | " + " | ".join(cells) + " |")
+    if args.record:
+        record = [dict(aux=family, dtype=dtype, backward=backward, **values)
+                  for (family, dtype, backward), values in rows]
+        RECORD.write_text(json.dumps(dict(command="python bench/tint_fidelity.py --record", date=str(date.today()),
+                                          rows=record), indent=1) + "\n")
+        print(f"recorded in {RECORD}")
 
 
 if __name__ == "__main__":

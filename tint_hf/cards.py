@@ -1,15 +1,17 @@
 """Model cards for the published checkpoints, rendered from ``huggingface_hub.ModelCardData``.
 
 One :class:`CardSpec` per checkpoint (``CARDS``) holds the metadata and the facts the card states; sizes are counted
-on a meta-device model built from the base model's shapes, and the fidelity rows are quoted from ``bench/RESULTS.md``
-("TinT fidelity", ``bench/tint_fidelity.py``), which ``tests/test_cards_and_push.py`` checks. Render the committed
-cards with::
+on a meta-device model built from the base model's shapes; the fidelity rows are read from the record that
+``python bench/tint_fidelity.py --record`` writes (``tint_hf/data/results/``), so a rerun updates the cards; the
+SmolLM2 perplexities and the conversion table are still quoted from ``bench/RESULTS.md`` (``tests/test_cards_and_push.py``
+checks both). Render the committed cards with::
 
     python -m tint_hf.cards model_cards
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +21,12 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
 from ._optional import require
+from .assets import DATA_DIR
 from .models.mesa import MesaLlamaConfig, MesaLlamaForCausalLM, MesaOPTConfig, MesaOPTForCausalLM
 from .models.tint import TinTConfig, TinTForCausalLM
 
 HUB_NAMESPACE = "tint-hf"
+RESULTS_DIR = DATA_DIR / "results"  # measured numbers the cards quote, each written by a bench script's --record
 PAPER = "https://arxiv.org/abs/2307.01189"
 CODE = "https://github.com/abhishekpanigrahi1996/transformer_in_transformer"
 OPT_LICENSE = dict(license="other", license_name="opt-model-license",
@@ -37,13 +41,22 @@ SMOLLM2_135M_SHAPES = LlamaConfig(vocab_size=49152, hidden_size=576, intermediat
 
 @dataclass(frozen=True)
 class FidelityRow:
-    """One row of the "TinT fidelity" table of bench/RESULTS.md (relative L2 errors, quoted as printed there)."""
+    """One row of the recorded "TinT fidelity" table (relative L2 errors, printed as bench/tint_fidelity.py does)."""
 
     dtype: str
     backward: str
     first_pass_vs_hf: str
     delta_vs_tint_step: str
     delta_vs_exact_sgd: str
+
+
+def recorded_fidelity() -> list[tuple[str, FidelityRow]]:
+    """(family, row) per row of ``tint_hf/data/results/tint_fidelity.json``, written by ``python
+    bench/tint_fidelity.py --record``: a rerun of the bench updates every card that quotes it."""
+    record = json.loads((RESULTS_DIR / "tint_fidelity.json").read_text(encoding="utf-8"))
+    return [(row["aux"], FidelityRow(row["dtype"], row["backward"], f"{row['first pass vs HF']:.2e}",
+                                     f"{row['delta vs tint_step']:.2e}", f"{row['delta vs exact SGD (same subset)']:.2e}"))
+            for row in record["rows"]]
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,6 @@ class CardSpec:
     construction: dict = field(default_factory=dict)
     extra_tags: tuple[str, ...] = ()
     fidelity_family: str | None = None
-    fidelity: tuple[FidelityRow, ...] = ()
     verified_by: tuple[str, ...] = ()
     real_eval: tuple[tuple[str, str, str, str], ...] = ()  # (method, lr, ppl before, ppl after) on the base model
     conversion: dict = field(default_factory=dict)
@@ -73,25 +85,12 @@ class CardSpec:
     def repo_id(self) -> str:
         return f"{HUB_NAMESPACE}/{self.name}"
 
+    @property
+    def fidelity(self) -> tuple[FidelityRow, ...]:
+        """This family's rows of the recorded fidelity table (:func:`recorded_fidelity`)."""
+        return tuple(row for family, row in recorded_fidelity() if family == self.fidelity_family)
 
-OPT_FIDELITY = (
-    FidelityRow("float64", "exact", "8.61e-16", "1.03e-15", "3.12e-03"),
-    FidelityRow("float64", "fd", "8.61e-16", "2.30e-12", "4.41e-03"),
-    FidelityRow("float32", "exact", "4.70e-07", "5.47e-07", "3.12e-03"),
-    FidelityRow("float32", "fd", "4.70e-07", "1.68e-03", "4.38e-03"),
-)
-GPT2_FIDELITY = (
-    FidelityRow("float64", "exact", "7.93e-16", "9.08e-16", "4.97e-03"),
-    FidelityRow("float64", "fd", "7.93e-16", "6.09e-13", "4.95e-03"),
-    FidelityRow("float32", "exact", "4.23e-07", "4.96e-07", "4.97e-03"),
-    FidelityRow("float32", "fd", "4.23e-07", "3.99e-04", "4.97e-03"),
-)
-LLAMA_FIDELITY = (
-    FidelityRow("float64", "exact", "8.01e-08", "9.59e-08", "5.33e-03"),
-    FidelityRow("float64", "fd", "8.01e-08", "4.25e-04", "5.48e-03"),
-    FidelityRow("float32", "exact", "3.56e-07", "4.95e-07", "5.33e-03"),
-    FidelityRow("float32", "fd", "3.56e-07", "9.46e-04", "5.43e-03"),
-)
+
 # bench/RESULTS.md, "TinT from a real pretrained Llama-family model" (bench/tint_smollm2.py).
 SMOLLM2_PERPLEXITY = (
     ("dynamic evaluation (`exact_step`)", "1e-4", "38.949", "38.052"),
@@ -130,20 +129,20 @@ CARDS: dict[str, CardSpec] = {
     for spec in (
         CardSpec(
             name="tint-opt-125m", model_type="tint", base_model="facebook/opt-125m", base_shapes=OPT_125M_SHAPES,
-            license=OPT_LICENSE, extra_tags=("opt",), fidelity_family="opt", fidelity=OPT_FIDELITY,
+            license=OPT_LICENSE, extra_tags=("opt",), fidelity_family="opt",
             construction=dict(num_prefixes=256, inner_lr=1e-6, backward="fd"),
             summary="TinT constructed from OPT-125M: one forward pass runs OPT-125M, takes a simulated SGD step on the "
                     "first part of the sequence and predicts the rest with the updated weights."),
         CardSpec(
             name="tint-gpt2", model_type="tint", base_model="openai-community/gpt2", base_shapes=GPT2_SHAPES,
-            license=dict(license="mit"), extra_tags=("gpt2",), fidelity_family="gpt2", fidelity=GPT2_FIDELITY,
+            license=dict(license="mit"), extra_tags=("gpt2",), fidelity_family="gpt2",
             construction=dict(num_prefixes=256, inner_lr=1e-6, backward="fd"),
             summary="TinT constructed from GPT-2 (124M): one forward pass runs GPT-2, takes a simulated SGD step on the "
                     "first part of the sequence and predicts the rest with the updated weights."),
         CardSpec(
             name="tint-smollm2-135m", model_type="tint", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
             base_shapes=SMOLLM2_135M_SHAPES, license=dict(license="apache-2.0"), extra_tags=("llama", "smollm2"),
-            fidelity_family="llama", fidelity=LLAMA_FIDELITY, real_eval=SMOLLM2_PERPLEXITY,
+            fidelity_family="llama", real_eval=SMOLLM2_PERPLEXITY,
             construction=dict(num_prefixes=192, inner_lr=3e-4, backward="fd"),
             summary="TinT constructed from SmolLM2-135M (Llama architecture: RMSNorm, SwiGLU, rotary positions, "
                     "grouped-query attention): one forward pass runs SmolLM2, takes a simulated SGD step on the first "

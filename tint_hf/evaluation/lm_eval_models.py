@@ -28,7 +28,7 @@ of each window is the training part (context for ``icl``), and only the rest of 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -182,24 +182,41 @@ class AdaptiveLM(TemplateLM):
 
     # -- requests ------------------------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), greedy) per request; requests with one context share one step."""
+        """(log p(continuation | context), greedy) per request. Requests with one training part share one step;
+        consecutive requests with the same weights (every request for ``icl``; one question's choices; every
+        question after the same demonstrations) are batched together, up to ``batch_size`` rows."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, ((context, _), context_ids, _) in enumerate(requests):
             groups.setdefault((tuple(context_ids), self.training_part(context, context_ids)), []).append(i)
+        pending: list[tuple[int, list[int], int]] = []  # (request, row, first scored position)
+        weights = None
+
+        def flush() -> None:
+            rows = [row for _, row, _ in pending]
+            check_fits(self, max(len(r) for r in rows), "use fewer shots or a model with a longer context")
+            skip = min(start for _, _, start in pending)
+            logits = self.logits(rows, weights, skip)
+            for row, (i, _, start) in enumerate(pending):
+                continuation = torch.tensor(requests[i][2], device=logits.device)
+                scored = logits[row, start - skip: start - skip + len(continuation)]
+                log_probs = torch.log_softmax(scored.double(), dim=-1)
+                greedy = bool((log_probs.argmax(-1) == continuation).all())
+                results[i] = (float(log_probs.gather(-1, continuation[:, None]).sum()), greedy)
+            pending.clear()
+
         for (context_ids, n_train), members in tqdm(groups.items(), desc=f"tint-hf {self.mode}",
                                                     disable=disable_tqdm):
-            weights = self.adapted(context_ids, n_train)
-            for chunk in _chunks(members, self.batch_size):
-                rows = [list(context_ids) + list(requests[i][2])[:-1] for i in chunk]
-                check_fits(self, max(len(r) for r in rows), "use fewer shots or a model with a longer context")
-                start = len(context_ids) - 1
-                logits = self.logits(rows, weights, start)
-                for row, i in enumerate(chunk):
-                    continuation = torch.tensor(requests[i][2], device=logits.device)
-                    log_probs = torch.log_softmax(logits[row, : len(continuation)].double(), dim=-1)
-                    greedy = bool((log_probs.argmax(-1) == continuation).all())
-                    results[i] = (float(log_probs.gather(-1, continuation[:, None]).sum()), greedy)
+            adapted = self.adapted(context_ids, n_train)
+            if pending and adapted is not weights:
+                flush()
+            weights = adapted
+            for i in members:
+                pending.append((i, list(context_ids) + list(requests[i][2])[:-1], len(context_ids) - 1))
+                if len(pending) == self.batch_size:
+                    flush()
+        if pending:
+            flush()
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -254,11 +271,6 @@ class AdaptiveLM(TemplateLM):
 def _check(ok: bool, name: str, value, what: str) -> None:
     if not ok:
         raise ValueError(f"tint-hf lm-eval model: {name}={value!r} must be {what} (--model_args {name}=...).")
-
-
-def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for first in range(0, len(items), size):
-        yield items[first:first + size]
 
 
 __all__ = ["AdaptiveLM", "MODES", "TRAIN_ON"]
