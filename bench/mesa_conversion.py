@@ -46,14 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tint_hf.conversion import ConversionSettings, convert, decoder_layers, finetune, perplexity  # noqa: E402
+from tint_hf.conversion_results import KINDS, LABELS, STAGES, mean_std, paired, stage_table  # noqa: E402
 from tint_hf.evaluation import address_split  # noqa: E402
 from tint_hf.runstore import RunStore, fingerprint_model, fingerprint_tensors, versions  # noqa: E402
 
-SOLVERS = ("cg", "gd", "exact")
-KINDS = (*SOLVERS, *(f"{solver}-mlp" for solver in SOLVERS), "zero", "original")
-LABELS = {"zero": "attention zeroed, MLP LoRA + KL", "original": "original, MLP LoRA + KL",
-          **{solver: f"mesa `{solver}`" for solver in SOLVERS},
-          **{f"{solver}-mlp": f"mesa `{solver}`, MLP LoRA" for solver in SOLVERS}}
+RECORD = Path(__file__).resolve().parents[1] / "tint_hf" / "data" / "results" / "mesa_conversion.json"
 STUDY_ARGUMENTS = ("model", "held_out", "transfer_steps", "finetune_steps", "cg_steps", "block_size", "batch_size",
                    "eval_blocks")  # runs recorded under other values of these cannot share one results.json
 
@@ -151,32 +148,21 @@ def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, see
             **final_scores(student, evaluation, args.batch_size)}
 
 
-def mean_std(values: list[float], digits: int) -> str:
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 COMPARISONS = (("cg", "gd"), ("cg", "zero"), ("exact", "cg"))  # (run, against): paired by seed in the report
 
 
-def paired_differences(runs: list[dict], layers: str) -> list[str]:
+def paired_differences(result: dict, layers: str) -> list[str]:
     """One line per pair of ``COMPARISONS``: the final perplexity and context gain of ``run`` minus ``against``,
     seed by seed (same batches), mean +- std over the seeds both have."""
     lines = []
     for kind, against in COMPARISONS:
-        pairs = [(a, b) for a in runs for b in runs if a["layers"] == b["layers"] == layers and a["seed"] == b["seed"]
-                 and a["run"] == kind and b["run"] == against]
-        if not pairs:
+        diff = paired(result, layers, kind, against)
+        if not diff["perplexity"]:
             continue
-        ppl = [a["perplexity"]["finetune"] - b["perplexity"]["finetune"] for a, b in pairs]
-        gain = [a["context"]["gain"] - b["context"]["gain"] for a, b in pairs if "context" in a and "context" in b]
-        line = f"* {LABELS[kind]} minus {LABELS[against]}, paired by seed: final perplexity {mean_std(ppl, 2)} " \
-               f"({len(ppl)} seeds)"
-        if gain:
-            line += f", gain from > {WINDOW} back {mean_std(gain, 3)} ({len(gain)} seeds)"
+        line = f"* {LABELS[kind]} minus {LABELS[against]}, paired by seed: final perplexity " \
+               f"{mean_std(diff['perplexity'], 2)} ({len(diff['perplexity'])} seeds)"
+        if diff["gain"]:
+            line += f", gain from > {WINDOW} back {mean_std(diff['gain'], 3)} ({len(diff['gain'])} seeds)"
         lines.append(line)
     return lines
 
@@ -197,14 +183,13 @@ def report(result: dict, out: Path) -> None:
             if not runs:
                 continue
             label = LABELS[kind]
-            cells = [mean_std([r["perplexity"][s] for r in runs if s in r["perplexity"]], 2)
-                     for s in ("init", "calibrate", "transfer", "finetune")]
+            cells = [stage_table(result, layers)[label][stage] for stage in STAGES]
             cells += [mean_std([r["bands"][b] for r in runs], 3) for b in runs[0]["bands"]]
             gains = [r["context"]["gain"] for r in runs if "context" in r]
             cells.append(mean_std(gains, 3) + (f" ({len(gains)} seeds)" if 0 < len(gains) < len(runs) else ""))
             lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells)
                          + f" | {statistics.mean(r['seconds'] for r in runs) / 60:.1f} |")
-        lines += ["", *paired_differences(result["runs"], layers), ""]
+        lines += ["", *paired_differences(result, layers), ""]
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
     try:
@@ -248,6 +233,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--eval-blocks", type=int, default=0, help="score this many held-out blocks (0: all)")
     parser.add_argument("--out", type=Path, default=Path("outputs/mesa_conversion"))
+    parser.add_argument("--record", action="store_true",
+                        help="also write results.json to tint_hf/data/results/mesa_conversion.json, the study the "
+                             "mesa-smollm2-135m model card quotes")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each run's stage checkpoints (0.5 GB each for SmolLM2; default: only stages.json)")
     args = parser.parse_args()
@@ -281,6 +269,8 @@ def main() -> None:
     def put(key: str, record: dict) -> None:
         store.put(key, record)
         (args.out / "results.json").write_text(json.dumps(results(), indent=1) + "\n")
+        if args.record:
+            shutil.copyfile(args.out / "results.json", RECORD)
 
     for layers in map(layer_set, args.layers):
         key = layer_key(layers)

@@ -90,6 +90,13 @@ def test_quoted_conversion_perplexities_are_those_of_bench_results():
         assert cells[model][column] == value, (model, column)
 
 
+def test_the_recorded_conversion_study_is_the_benchs_output():
+    """The card reads tint_hf/data/results/mesa_conversion.json (shipped with the package); it is the study folder's
+    results.json byte for byte (bench/mesa_conversion.py --record writes both)."""
+    record = ROOT / "tint_hf" / "data" / "results" / "mesa_conversion.json"
+    assert record.read_bytes() == (ROOT / "bench" / "mesa_conversion" / "results.json").read_bytes()
+
+
 def test_cited_tests_exist():
     sources = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
     for spec in cards.CARDS.values():

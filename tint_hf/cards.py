@@ -3,7 +3,8 @@
 One :class:`CardSpec` per checkpoint (``CARDS``) holds the metadata and the facts the card states; sizes are counted
 on a meta-device model built from the base model's shapes; the fidelity rows are read from the record that
 ``python bench/tint_fidelity.py --record`` writes (``tint_hf/data/results/``), so a rerun updates the cards; the
-SmolLM2 perplexities and the conversion table are still quoted from ``bench/RESULTS.md`` (``tests/test_cards_and_push.py``
+conversion table and verdict from the recorded study (``mesa_conversion.json``, the output of
+``bench/mesa_conversion.py --record``); the SmolLM2 perplexities are still quoted from ``bench/RESULTS.md`` (``tests/test_cards_and_push.py``
 checks both). Render the committed cards with::
 
     python -m tint_hf.cards model_cards
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from transformers import GPT2Config, LlamaConfig, OPTConfig
 
 from ._optional import require
 from .assets import DATA_DIR
+from .conversion_results import LABELS, context_gain, mean_std, paired, runs_of, stage_table
 from .models.mesa import MesaLlamaConfig, MesaLlamaForCausalLM, MesaOPTConfig, MesaOPTForCausalLM
 from .models.tint import TinTConfig, TinTForCausalLM
 
@@ -64,7 +67,7 @@ class CardSpec:
     """What one model card says. ``construction`` holds the keyword arguments the checkpoint was built with
     (``TinTForCausalLM.from_auxiliary`` or ``MesaOPTForCausalLM.from_opt``), or for a converted checkpoint the config
     fields ``tint-hf convert-mesa`` sets; ``conversion`` holds that command's other flags (empty: not converted) and
-    ``conversion_result`` the measured held-out perplexities (model, stage, perplexity) it quotes."""
+    ``conversion_study`` reads the recorded study the card quotes (cells and verdict)."""
 
     name: str
     model_type: str
@@ -78,8 +81,16 @@ class CardSpec:
     verified_by: tuple[str, ...] = ()
     real_eval: tuple[tuple[str, str, str, str], ...] = ()  # (method, lr, ppl before, ppl after) on the base model
     conversion: dict = field(default_factory=dict)
-    conversion_result: tuple[tuple[str, str, str], ...] = ()
-    conversion_verdict: str = ""
+    conversion_study: Callable[[], tuple[tuple[tuple[str, str, str], ...], str]] | None = None
+
+    @property
+    def conversion_result(self) -> tuple[tuple[str, str, str], ...]:
+        """The (model, stage, held-out perplexity) cells the card quotes, from the recorded study."""
+        return self.conversion_study()[0] if self.conversion_study else ()
+
+    @property
+    def conversion_verdict(self) -> str:
+        return self.conversion_study()[1] if self.conversion_study else ""
 
     @property
     def repo_id(self) -> str:
@@ -97,29 +108,40 @@ SMOLLM2_PERPLEXITY = (
     ("`tint_step` (reference)", "3e-4", "38.949", "37.963"),
     ("TinT forward pass", "3e-4", "38.944", "37.958"),
 )
-# bench/RESULTS.md, "Mesa conversion of a real pretrained model", table "Layers 26-29" (bench/mesa_conversion.py):
-# (row, column, cell) exactly as printed there.
-SMOLLM2_CONVERSION = (
-    ("teacher", "init", "33.63"),
-    ("mesa `cg`", "init", "54.14 ± 0.00"),
-    ("mesa `cg`", "calibrate", "49.12 ± 0.00"),
-    ("mesa `cg`", "transfer", "43.91 ± 0.01"),
-    ("mesa `cg`", "finetune", "36.36 ± 0.03"),
-    ("mesa `gd`", "finetune", "38.84 ± 0.11"),
-    ("attention zeroed, untrained", "init", "50.34"),
-    ("attention zeroed, MLP LoRA + KL", "finetune", "32.70 ± 0.07"),
-    ("original, MLP LoRA + KL", "finetune", "29.90"),
+# The cells of the conversion study's "Layers 26-29" table (bench/mesa_conversion.py) that the card quotes, and the
+# verdict; the numbers come from the recorded study, tint_hf/data/results/mesa_conversion.json.
+SMOLLM2_CONVERSION_LAYERS = "26-29"
+SMOLLM2_CONVERSION_CELLS = (
+    ("teacher", "init"), ("mesa `cg`", "init"), ("mesa `cg`", "calibrate"), ("mesa `cg`", "transfer"),
+    ("mesa `cg`", "finetune"), ("mesa `gd`", "finetune"), ("attention zeroed, untrained", "init"),
+    ("attention zeroed, MLP LoRA + KL", "finetune"), ("original, MLP LoRA + KL", "finetune"),
 )
-SMOLLM2_CONVERSION_VERDICT = (
-    "The `cg` rows are this checkpoint's recipe (3 seeds); `gd` is the same conversion with plain gated linear "
-    "attention. "
-    "At this budget the mesa solve beats linear attention by 2.48 ± 0.13 perplexity (paired by seed) but loses to the "
-    "removed-attention control by 3.66 ± 0.10: removing these four layers' attention and spending the same 70 steps "
-    "on their feed-forward projections is better. The converted model uses context more than 64 tokens back about as "
-    "much as that control (next-token NLL 0.135 vs 0.125 nats lower with the whole 256-token block than with the last "
-    "64 tokens; the original model: 0.160). \"original, MLP LoRA + KL\" is SmolLM2 itself trained the same way: the "
-    "training text alone is worth 3.7 perplexity on the held-out year. This is a research checkpoint for studying "
-    "converted mesa-layers, not an improvement on SmolLM2.")
+
+
+def smollm2_conversion() -> tuple[tuple[tuple[str, str, str], ...], str]:
+    """The quoted (row, stage, cell) triples and the verdict, from the recorded conversion study."""
+    result = json.loads((RESULTS_DIR / "mesa_conversion.json").read_text(encoding="utf-8"))
+    layers = SMOLLM2_CONVERSION_LAYERS
+    table = stage_table(result, layers)
+    cells = tuple((row, stage, table[row][stage]) for row, stage in SMOLLM2_CONVERSION_CELLS)
+    versus_gd, versus_zero = paired(result, layers, "cg", "gd"), paired(result, layers, "cg", "zero")
+    gains = {name: mean_std(context_gain(result, layers, name), 3) for name in ("cg", "zero", "teacher")}
+    text_worth = float(table["teacher"]["init"]) - float(table[LABELS["original"]]["finetune"])
+    verdict = (
+        "The `cg` rows are this checkpoint's recipe "
+        f"({len(runs_of(result, layers, 'cg'))} seeds); `gd` is the same conversion with plain gated linear attention. "
+        f"At this budget the mesa solve beats linear attention by {mean_std([-d for d in versus_gd['perplexity']], 2)} "
+        "perplexity (paired by seed) but loses to the removed-attention control by "
+        f"{mean_std(versus_zero['perplexity'], 2)}: removing these four layers' attention and spending the same "
+        "70 steps on their feed-forward projections is better. The converted model uses context more than 64 tokens "
+        f"back about as much as that control (next-token NLL {gains['cg']} vs {gains['zero']} nats lower with the "
+        f"whole 256-token block than with the last 64 tokens; the original model: {gains['teacher']}). \"original, "
+        "MLP LoRA + KL\" is SmolLM2 itself trained the same way: the training text alone is worth "
+        f"{text_worth:.1f} perplexity on the held-out year. This is a research checkpoint for studying converted "
+        "mesa-layers, not an improvement on SmolLM2.")
+    return cells, verdict
+
+
 MESA_TESTS = ("test_no_mesa_layers_reproduces_opt", "test_from_opt_reuses_every_weight", "test_cg_with_d_steps_is_exact",
               "test_chunked_equals_recurrent", "test_prefill_then_decode_equals_full_forward",
               "test_left_padded_rows_equal_unpadded_rows", "test_remote_code_loads_without_tint_hf")
@@ -160,7 +182,7 @@ CARDS: dict[str, CardSpec] = {
             extra_tags=("llama", "smollm2", "mesa-layer", "linear-attention"),
             construction=dict(mesa_layers=[26, 27, 28, 29], mesa_solver="cg", cg_steps=16),
             conversion=dict(transfer_steps=40, finetune_steps=30, batch_size=2, held_out_address=1964, seed=0),
-            conversion_result=SMOLLM2_CONVERSION, conversion_verdict=SMOLLM2_CONVERSION_VERDICT,
+            conversion_study=smollm2_conversion,
             summary="SmolLM2-135M with the softmax attention of its top 4 of 30 layers converted to mesa-layers (a "
                     "regularised least-squares solve over past keys and values, solved by 16 conjugate-gradient "
                     "steps): a hybrid whose converted layers keep a constant-size state per key/value head."),
