@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..evaluation.fewshot import MODES, TintSource
+from ..runstore import RunStore, fingerprint_model, fingerprint_tokenizer, versions
 from .arguments import at_least, choices, comma_list, learning_rate_or_zero, shown
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -187,3 +188,23 @@ def given_options(args: argparse.Namespace) -> set[str]:
     return {name for name, value in vars(args).items() if value not in (None, False)}
 
 
+def open_store(args: argparse.Namespace, records: str, result_files: tuple[str, ...],
+               free: tuple[str, ...]) -> RunStore:
+    """The run store in ``--out`` (:mod:`tint_hf.runstore`): resumed and extended when the settings other than
+    ``free`` (the arguments that only choose which cells run) match and the package versions are the same, emptied
+    with ``--overwrite``, refused otherwise."""
+    store = RunStore(args.out, records, overwrite=args.overwrite, also_remove=result_files,
+                     fresh_start="pass --overwrite to discard it, or use another --out")
+    store.check_settings(settings_of(args), free=free)
+    store.check_provenance("versions", versions())
+    if store.records:
+        print(f"resuming {args.out}: {len(store.records)} finished cells are read back, not recomputed")
+    return store
+
+
+def check_loaded(store: RunStore, model: nn.Module, tokenizer, tint: TintSource | None) -> None:
+    """Refuse a resume whose model, tokenizer or TinT checkpoint (content hashes) differ from the store's."""
+    store.check_provenance("model", fingerprint_model(model))
+    store.check_provenance("tokenizer", fingerprint_tokenizer(tokenizer))
+    if isinstance(tint, nn.Module):
+        store.check_provenance("tint_model", fingerprint_model(tint))

@@ -11,23 +11,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from torch import nn
-
 from .._optional import require
 from ..evaluation import FewShotConfig, FewShotEvaluator, ModeConfig, get_task, load_examples, summarize_runs
 from ..evaluation.fewshot import SELECTIONS
 from ..evaluation.report import markdown_table, write_results
 from ..evaluation.scoring import CALIBRATIONS
-from ..runstore import RunStore, fingerprint_json, fingerprint_model, fingerprint_tokenizer, versions
+from ..runstore import fingerprint_json
 from ..simulate import Approximations
 from .arguments import at_least, choices, comma_list, learning_rate_or_zero, names
 from .common import (
     PRESETS,
     add_model_arguments,
+    check_loaded,
     given_options,
     layer_grid,
     load_model,
     load_tint,
+    open_store,
     preset_default,
     refuse_ignored,
     resolve_defaults,
@@ -124,19 +124,6 @@ def mode_configs(args: argparse.Namespace) -> list[ModeConfig]:
     return configs
 
 
-def open_store(args: argparse.Namespace) -> RunStore:
-    """The run store in ``--out`` (:mod:`tint_hf.runstore`): resumed and extended when the settings other than
-    :data:`CELL_SELECTION` match (and, checked as they are loaded, the model, tokenizer, data and package versions),
-    emptied with ``--overwrite``, refused otherwise."""
-    store = RunStore(args.out, "cells.jsonl", overwrite=args.overwrite, also_remove=RESULT_FILES,
-                     fresh_start="pass --overwrite to discard it, or use another --out")
-    store.check_settings(settings_of(args), free=CELL_SELECTION)
-    store.check_provenance("versions", versions())
-    if store.records:
-        print(f"resuming {args.out}: {len(store.records)} finished cells are read back, not recomputed")
-    return store
-
-
 def run(args: argparse.Namespace) -> int:
     given = given_options(args)
     resolve_defaults(args)
@@ -149,13 +136,10 @@ def run(args: argparse.Namespace) -> int:
     modes = mode_configs(args)
     if not args.no_plot:
         require("matplotlib", "plot", "tint-hf eval's accuracy.png (or pass --no-plot)")
-    store = open_store(args)
+    store = open_store(args, "cells.jsonl", RESULT_FILES, CELL_SELECTION)
     model, tokenizer = load_model(args)
-    store.check_provenance("model", fingerprint_model(model))
-    store.check_provenance("tokenizer", fingerprint_tokenizer(tokenizer))
     tint = load_tint(args, model)
-    if isinstance(tint, nn.Module):
-        store.check_provenance("tint_model", fingerprint_model(tint))
+    check_loaded(store, model, tokenizer, tint)
     config = FewShotConfig(shots=args.shots, seeds=args.seeds, template=args.template, calibration=args.calibration,
                            n_eval=args.n_eval, n_dev=args.n_dev, eval_seed=args.eval_seed,
                            balanced=not args.unbalanced, legacy_sampler=args.legacy_sampler,

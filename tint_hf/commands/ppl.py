@@ -18,15 +18,17 @@ from ..assets import sample_text
 from ..evaluation import DynamicSGD, PlainLM, TinTForward, block_perplexity, text_blocks
 from ..evaluation.perplexity import perplexity_table, summarize_perplexity
 from ..evaluation.report import environment
-from ..runstore import RunStore, fingerprint_json, fingerprint_model, fingerprint_tokenizer, versions
+from ..runstore import fingerprint_json
 from ..simulate import Approximations
 from .arguments import at_least, comma_list, fraction
 from .common import (
     add_model_arguments,
+    check_loaded,
     given_options,
     layer_grid,
     load_model,
     load_tint,
+    open_store,
     refuse_ignored,
     resolve_defaults,
     settings_of,
@@ -59,25 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 CELL_SELECTION = ("modes", "lrs", "train_fraction", "block_seeds", "max_blocks")
 
 
-def open_store(args: argparse.Namespace, model, tokenizer, text: str, tint) -> RunStore | None:
-    """The run store in ``--out`` (None without it), checked against this call's settings and inputs."""
-    if args.out is None:
-        return None
-    store = RunStore(args.out, "records.jsonl", overwrite=args.overwrite,
-                     also_remove=("results.json", "summary.md"),
-                     fresh_start="pass --overwrite to discard it, or use another --out")
-    store.check_settings(settings_of(args), free=CELL_SELECTION)
-    store.check_provenance("versions", versions())
-    store.check_provenance("model", fingerprint_model(model))
-    store.check_provenance("tokenizer", fingerprint_tokenizer(tokenizer))
-    store.check_provenance("text", fingerprint_json(text))
-    if isinstance(tint, torch.nn.Module):
-        store.check_provenance("tint_model", fingerprint_model(tint))
-    if store.records:
-        print(f"resuming {args.out}: {len(store.records)} finished cells are read back, not recomputed")
-    return store
-
-
 def run(args: argparse.Namespace) -> int:
     given = given_options(args)
     resolve_defaults(args)
@@ -92,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
     tint = load_tint(args, model)
     if callable(tint) and not isinstance(tint, torch.nn.Module):
         tint = tint(n_layers, n_steps)
-    store = open_store(args, model, tokenizer, text, tint)
+    store = None
+    if args.out is not None:
+        store = open_store(args, "records.jsonl", ("results.json", "summary.md"), CELL_SELECTION)
+        check_loaded(store, model, tokenizer, tint)
+        store.check_provenance("text", fingerprint_json(text))
     approx = Approximations() if args.tint_approximations else None
     records = []
     for seed in args.block_seeds or (None,):
