@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama, tiny_opt
 from transformers import AutoModelForCausalLM
 
+from tint_hf.conversion import ActivationRecorder as Recorder
 from tint_hf.conversion import (
     ConversionSettings,
     calibrate,
@@ -24,7 +25,6 @@ from tint_hf.conversion import (
     transfer,
     transfer_loss,
 )
-from tint_hf.conversion import _Recorder as Recorder
 from tint_hf.runstore import RunStoreError
 
 TEACHERS = {"opt": lambda: tiny_opt(dtype=torch.float32), "llama": lambda: tiny_llama(dtype=torch.float32)}

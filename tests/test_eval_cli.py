@@ -162,8 +162,7 @@ def test_grid_and_both_selection_rules(checkpoint, tmp_path):
     assert "| dev |" in summary and "| test |" in summary
 
 
-def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, tmp_path, monkeypatch):
-    from tint_hf.evaluation import FewShotEvaluator
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, tmp_path):
 
     out = tmp_path / "resume"
     args = ["eval", "--model", str(checkpoint), "--tasks", "MR", "--data-dir", str(FIXTURES), "--modes",
@@ -175,24 +174,23 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, t
     assert len(cells) == 6  # (icl, dynamic) x (k=0 seed 1, k=2 seeds 1 and 2)
     # a kill during the 5th cell: four finished lines and half a line
     (out / "cells.jsonl").write_text("\n".join(cells[:4]) + "\n" + cells[4][: len(cells[4]) // 2])
-    computed = []
-    original = FewShotEvaluator._cell
-    monkeypatch.setattr(FewShotEvaluator, "_cell",
-                        lambda self, task, mode, builder, k, seed, *a: computed.append((mode.label, k, seed))
-                        or original(self, task, mode, builder, k, seed, *a))
+    def computed(before: int) -> list[tuple[str, str, str]]:
+        """(mode, k, seed) of the cells a call appended to cells.jsonl (one record per computed cell)."""
+        lines = (out / "cells.jsonl").read_text().splitlines()[before:]
+        return [tuple(json.loads(line)["key"].split("|")[1:]) for line in lines]
+
     with pytest.warns(UserWarning, match=r"cells.jsonl:5: dropping a record cut short"):
         assert main(args) == 0
-    assert computed == [("dynamic", 2, 1), ("dynamic", 2, 2)]
+    assert computed(4) == [("dynamic", "k=2", "seed=1"), ("dynamic", "k=2", "seed=2")]
     assert [json.loads(line)["key"] for line in (out / "cells.jsonl").read_text().splitlines()] == \
         [json.loads(line)["key"] for line in cells]  # the cut line is gone, the recomputed cells appended cleanly
     resumed = json.loads((out / "results.json").read_text())["runs"]
     assert resumed == complete
     # another choice of cells (here: a mode added, one seed) extends the folder: only the new cells are computed
-    computed.clear()
     extended = [a if a != "icl,dynamic" else "icl,tint" for a in args]
     extended[extended.index("--seeds") + 1] = "1"
     assert main(extended) == 0
-    assert computed == [("tint", 0, 1), ("tint", 2, 1)]
+    assert computed(6) == [("tint", "k=0", "seed=1"), ("tint", "k=2", "seed=1")]
     assert len((out / "cells.jsonl").read_text().splitlines()) == 8
     complete = json.loads((out / "results.json").read_text())["runs"]
     with pytest.raises(RunStoreError, match=r"other settings \(lrs: \[0.0, 0.05\] -> \[0.0, 0.1\]\).*--overwrite"):

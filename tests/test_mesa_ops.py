@@ -191,7 +191,7 @@ def test_chunk_states_without_a_loop_keep_float32_precision():
     """The closed-form inter-chunk states equal the sequential recurrence X <- e^G X + dX: to rounding in float64, and
     in float32 over 300 strongly decaying chunks (running log-decay down to about -900) to 1e-6 relative, which
     differences of running totals of G would miss by 25x."""
-    from tint_hf.models.mesa.mesa_op import _states_before_chunks
+    from tint_hf.models.mesa.mesa_op import states_before_chunks
 
     gen = torch.Generator().manual_seed(0)
     log_decay = -6 * torch.rand(2, 1, 300, generator=gen, dtype=DT)
@@ -202,8 +202,8 @@ def test_chunk_states_without_a_loop_keep_float32_precision():
         state = log_decay[:, :, n, None, None].exp() * state + deltas[:, :, n]
         reference.append(state)
     reference = torch.stack(reference, dim=2)
-    torch.testing.assert_close(_states_before_chunks(deltas, log_decay, initial), reference, rtol=1e-12, atol=1e-12)
-    single = _states_before_chunks(deltas.float(), log_decay.float(), initial.float()).double()
+    torch.testing.assert_close(states_before_chunks(deltas, log_decay, initial), reference, rtol=1e-12, atol=1e-12)
+    single = states_before_chunks(deltas.float(), log_decay.float(), initial.float()).double()
     assert (single - reference).abs().max() < 1e-6 * reference.abs().max()
 
 

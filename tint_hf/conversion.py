@@ -104,7 +104,7 @@ def output_projection(mixer: nn.Module) -> nn.Linear:
     return mixer.out_proj if hasattr(mixer, "out_proj") else mixer.o_proj
 
 
-class _Recorder:
+class ActivationRecorder:
     """Forward hooks that keep, per chosen layer, the mixer's input (B, T, hidden), its output (B, T, hidden) and the
     output projection's input (B, T, heads * d); optionally replaces the mixer's input by a given tensor."""
 
@@ -168,7 +168,7 @@ def calibrate(student: PreTrainedModel, teacher: PreTrainedModel, blocks: torch.
     layers = student.config.mesa_layers
     sums = {"teacher": {}, "student": {}}
     for model, key in ((teacher, "teacher"), (student, "student")):
-        recorder = _Recorder(model, layers)
+        recorder = ActivationRecorder(model, layers)
         try:
             for start in range(0, len(blocks), batch_size):
                 model(blocks[start : start + batch_size])
@@ -203,13 +203,13 @@ def transfer_loss(student: PreTrainedModel, teacher: PreTrainedModel, batch: tor
     / mean(attn(x_teacher)^2), the mesa mixer fed the teacher's cached input of that layer."""
     layers = student.config.mesa_layers
     with torch.no_grad():
-        recorder = _Recorder(teacher, layers)
+        recorder = ActivationRecorder(teacher, layers)
         try:
             teacher(batch)
         finally:
             recorder.close()
         inputs, targets = recorder.inputs, recorder.outputs
-    recorder = _Recorder(student, layers, replace_inputs=inputs)
+    recorder = ActivationRecorder(student, layers, replace_inputs=inputs)
     try:
         student(batch)
         return sum((recorder.outputs[i] - targets[i]).pow(2).mean() / targets[i].pow(2).mean() for i in layers)
@@ -417,5 +417,5 @@ def _write_summary(store: RunStore, path: Path) -> None:
     path.write_text(json.dumps(summary, indent=1) + "\n")
 
 
-__all__ = ["LORA_TARGETS", "STAGES", "ConversionSettings", "calibrate", "convert", "decoder_layers",
+__all__ = ["LORA_TARGETS", "STAGES", "ActivationRecorder", "ConversionSettings", "calibrate", "convert", "decoder_layers",
            "distillation_loss", "finetune", "head_rms", "init_student", "mesa_parameters", "perplexity", "transfer", "transfer_loss"]

@@ -264,7 +264,7 @@ def _chunk_matvec_vjp(
     return d_k, d_decay, wk * xk, d_h, d_lam
 
 
-def _states_before_chunks(
+def states_before_chunks(
     deltas: torch.Tensor, log_chunk_decay: torch.Tensor, initial: torch.Tensor
 ) -> torch.Tensor:
     """All chunk states of the recurrence X_[n+1] = e^{G_n} X_[n] + dX_n at once, without a loop over chunks.
@@ -356,7 +356,7 @@ def chunk_mesa(
         else:
             h_state = q.new_zeros(batch, heads, d_k, d_k) if h_state is None else h_state.to(dtype)
             targets, initial = torch.cat([k, v], dim=-1), torch.cat([h_state, s_state], dim=-1)
-        states = _states_before_chunks(k_to_end.mT @ targets, chunk_log_decay, initial)
+        states = states_before_chunks(k_to_end.mT @ targets, chunk_log_decay, initial)
         s_chunks, s_state = states[:, :, :-1, :, -d_v:].contiguous(), states[:, :, -1, :, -d_v:]
         if keep_h:
             h_chunks, h_state = states[:, :, :-1, :, :d_k].contiguous(), states[:, :, -1, :, :d_k]
