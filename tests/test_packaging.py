@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["tint_hf/data/gpt2_bpe/vocab.json", "tint_hf/data/gpt2_bpe/merges.txt", "tint_hf/data/gpt2_bpe/LICENSE",
            "tint_hf/data/sotu.txt", "tint_hf/data/results/tint_fidelity.json",
-           "tint_hf/data/results/mesa_conversion.json", "tint_hf/models/tint/modeling_tint.py",
+           "tint_hf/data/results/mesa_conversion.json", "tint_hf/data/results/tint_smollm2.json", "tint_hf/models/tint/modeling_tint.py",
            "tint_hf/models/mesa/modeling_mesa_opt.py", "tint_hf/models/mesa/modeling_mesa_llama.py",
            "tint_hf/models/mesa/mesa_op.py", "tint_hf/models/mesa/mesa_layer.py",
            "tint_hf/models/tint/simulated_modules.py"]

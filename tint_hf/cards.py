@@ -4,7 +4,8 @@ One :class:`CardSpec` per checkpoint (``CARDS``) holds the metadata and the fact
 on a meta-device model built from the base model's shapes; the fidelity rows are read from the record that
 ``python bench/tint_fidelity.py --record`` writes (``tint_hf/data/results/``), so a rerun updates the cards; the
 conversion table and verdict from the recorded study (``mesa_conversion.json``, the output of
-``bench/mesa_conversion.py --record``); the SmolLM2 perplexities are still quoted from ``bench/RESULTS.md`` (``tests/test_cards_and_push.py``
+``bench/mesa_conversion.py --record``) and the SmolLM2 perplexities from ``tint_smollm2.json``
+(``bench/tint_smollm2.py --record``); each also stands in ``bench/RESULTS.md`` (``tests/test_cards_and_push.py``
 checks both). Render the committed cards with::
 
     python -m tint_hf.cards model_cards
@@ -79,9 +80,14 @@ class CardSpec:
     extra_tags: tuple[str, ...] = ()
     fidelity_family: str | None = None
     verified_by: tuple[str, ...] = ()
-    real_eval: tuple[tuple[str, str, str, str], ...] = ()  # (method, lr, ppl before, ppl after) on the base model
+    # (method, lr, ppl before, ppl after) on the base model, read from a recorded bench run
+    real_eval_study: Callable[[], tuple[tuple[str, str, str, str], ...]] | None = None
     conversion: dict = field(default_factory=dict)
     conversion_study: Callable[[], tuple[tuple[tuple[str, str, str], ...], str]] | None = None
+
+    @property
+    def real_eval(self) -> tuple[tuple[str, str, str, str], ...]:
+        return self.real_eval_study() if self.real_eval_study else ()
 
     @property
     def conversion_result(self) -> tuple[tuple[str, str, str], ...]:
@@ -102,12 +108,18 @@ class CardSpec:
         return tuple(row for family, row in recorded_fidelity() if family == self.fidelity_family)
 
 
-# bench/RESULTS.md, "TinT from a real pretrained Llama-family model" (bench/tint_smollm2.py).
-SMOLLM2_PERPLEXITY = (
-    ("dynamic evaluation (`exact_step`)", "1e-4", "38.949", "38.052"),
-    ("`tint_step` (reference)", "3e-4", "38.949", "37.963"),
-    ("TinT forward pass", "3e-4", "38.944", "37.958"),
-)
+SMOLLM2_METHODS = {"exact": "dynamic evaluation (`exact_step`)", "tint_step": "`tint_step` (reference)",
+                   "tint": "TinT forward pass"}
+
+
+def smollm2_perplexity() -> tuple[tuple[str, str, str, str], ...]:
+    """(method, inner lr, perplexity before, after) per method, from the record that ``python bench/tint_smollm2.py
+    --record`` writes (``tint_hf/data/results/tint_smollm2.json``)."""
+    record = json.loads((RESULTS_DIR / "tint_smollm2.json").read_text(encoding="utf-8"))
+    return tuple((SMOLLM2_METHODS[r["method"]], f"{r['lr']:g}", f"{r['perplexity_before']:.3f}",
+                  f"{r['perplexity_after']:.3f}") for r in record["rows"])
+
+
 # The cells of the conversion study's "Layers 26-29" table (bench/mesa_conversion.py) that the card quotes, and the
 # verdict; the numbers come from the recorded study, tint_hf/data/results/mesa_conversion.json.
 SMOLLM2_CONVERSION_LAYERS = "26-29"
@@ -164,7 +176,7 @@ CARDS: dict[str, CardSpec] = {
         CardSpec(
             name="tint-smollm2-135m", model_type="tint", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
             base_shapes=SMOLLM2_135M_SHAPES, license=dict(license="apache-2.0"), extra_tags=("llama", "smollm2"),
-            fidelity_family="llama", real_eval=SMOLLM2_PERPLEXITY,
+            fidelity_family="llama", real_eval_study=smollm2_perplexity,
             construction=dict(num_prefixes=192, inner_lr=3e-4, backward="fd"),
             summary="TinT constructed from SmolLM2-135M (Llama architecture: RMSNorm, SwiGLU, rotary positions, "
                     "grouped-query attention): one forward pass runs SmolLM2, takes a simulated SGD step on the first "
