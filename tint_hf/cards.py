@@ -116,7 +116,7 @@ def smollm2_perplexity() -> tuple[tuple[str, str, str, str], ...]:
     """(method, inner lr, perplexity before, after) per method, from the record that ``python bench/tint_smollm2.py
     --record`` writes (``tint_hf/data/results/tint_smollm2.json``)."""
     record = json.loads((RESULTS_DIR / "tint_smollm2.json").read_text(encoding="utf-8"))
-    return tuple((SMOLLM2_METHODS[r["method"]], f"{r['lr']:g}", f"{r['perplexity_before']:.3f}",
+    return tuple((SMOLLM2_METHODS[r["method"]], f"{r['lr']:.0e}".replace("e-0", "e-"), f"{r['perplexity_before']:.3f}",
                   f"{r['perplexity_after']:.3f}") for r in record["rows"])
 
 
