@@ -124,6 +124,12 @@ def test_ppl_grid_resumes_adds_cells_and_refuses_other_inputs(checkpoint, tmp_pa
     assert len((out / "records.jsonl").read_text().splitlines()) == 2
 
 
+def test_layers_without_a_whole_number_of_paper_steps_are_refused(checkpoint):
+    """--layers L takes the paper's 12 / L steps; L = 5 gives none, so it needs an explicit --n-steps."""
+    with pytest.raises(SystemExit, match=r"--layers 5: the paper's budget of 12 layer-steps .*pass --n-steps"):
+        main(["ppl", "--model", str(checkpoint), "--modes", "dynamic", "--layers", "5", "--quiet"])
+
+
 def test_prepare_data_converts_to_the_canonical_layout(tmp_path):
     assert main(["prepare-data", "--tasks", "MR", "--data-dir", str(FIXTURES), "--out", str(tmp_path)]) == 0
     task = get_task("MR")

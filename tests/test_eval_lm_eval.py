@@ -181,7 +181,7 @@ def test_bad_model_arguments_name_the_argument(gpt2_tokenizer):
                          ({"mode": "dynamic", "inner_lr": float("nan")}, "inner_lr=nan"),
                          ({"mode": "dynamic", "layers": 5}, "layers=5"),
                          ({"mode": "dynamic", "train_on": "query"}, "train_on='query'"),
-                         ({"batch_size": "auto"}, "batch_size='auto'"),
+                         ({"batch_size": "auto"}, "batch_size='auto'"), ({"max_batch_size": 64}, "max_batch_size=64"),
                          *([({"device": "cuda"}, "device='cuda'")] if not torch.cuda.is_available() else [])):
         with pytest.raises(ValueError, match=says.replace("(", r"\(")):
             AdaptiveLM(model, tokenizer=gpt2_tokenizer, **kwargs)

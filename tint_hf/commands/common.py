@@ -12,14 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..evaluation.fewshot import MODES, TintSource
+from ..evaluation.fewshot import MODES, TintSource, steps_for_layers
 from ..runstore import RunStore, fingerprint_model, fingerprint_tokenizer, versions
 from .arguments import at_least, choices, comma_list, learning_rate_or_zero, shown
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 PAPER_TASKS = ("SST2", "MR", "CR", "MPQA", "Subj", "AGNews", "AmazonPolarity", "YelpPolarity")
-LAYER_STEP_BUDGET = 12  # the paper: L top layers get 12 / L steps (L = 12, 6, 3)
-
 # Arguments a preset may set; their parser default is None and DEFAULTS fills what neither the user nor a preset gave.
 DEFAULTS = dict(modes=("icl",), lrs=(1e-4,), label_lrs=None, layers=None, n_steps=None, loss=("context",),
                 variant=("concatenated",), train_on_query=(), tasks=None, shots=(0, 32), seeds=(1, 2, 3),
@@ -58,19 +56,13 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def layer_grid(args: argparse.Namespace) -> list[tuple[int | None, int]]:
     """(top layers updated, steps) per grid point: ``--layers`` with ``--n-steps``, or 12 / L steps as in the paper
-    (one step when all layers are updated)."""
+    (one step when all layers are updated; :func:`~tint_hf.evaluation.fewshot.steps_for_layers`)."""
     grid = []
     for layers in args.layers or (None,):
-        if args.n_steps is not None:
-            steps = args.n_steps
-        elif layers is None:
-            steps = 1
-        elif layers >= 1 and LAYER_STEP_BUDGET % layers == 0:
-            steps = LAYER_STEP_BUDGET // layers
-        else:
-            raise SystemExit(f"--layers {layers}: the paper's budget of {LAYER_STEP_BUDGET} layer-steps gives no "
-                             f"whole number of steps; pass --n-steps.")
-        grid.append((layers, steps))
+        try:
+            grid.append((layers, steps_for_layers(layers, args.n_steps)))
+        except ValueError as error:
+            raise SystemExit(f"--layers {layers}: {error}; pass --n-steps.") from None
     return grid
 
 

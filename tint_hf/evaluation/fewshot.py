@@ -29,6 +29,20 @@ from .tasks import Task
 
 MODES = ("icl", "dynamic", "tint")
 SELECTIONS = ("dev", "test", "both")
+LAYER_STEP_BUDGET = 12  # the paper: the top L layers get 12 / L SGD steps (L = 12, 6, 3)
+
+
+def steps_for_layers(layers: int | None, n_steps: int | None = None) -> int:
+    """SGD steps when the top ``layers`` layers are updated: ``n_steps`` if given, else the paper's 12 / L (one step
+    when every layer is updated, ``layers=None``). Raises ValueError when 12 / L is no whole number."""
+    if n_steps is not None:
+        return n_steps
+    if layers is None:
+        return 1
+    if layers < 1 or LAYER_STEP_BUDGET % layers:
+        raise ValueError(f"the paper's budget of {LAYER_STEP_BUDGET} layer-steps gives no whole number of steps for "
+                         f"{layers} layers")
+    return LAYER_STEP_BUDGET // layers
 
 
 @dataclass

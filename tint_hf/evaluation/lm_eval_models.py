@@ -37,11 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..simulate import sgd_update
+from .fewshot import MODES, steps_for_layers
 from .modes import Batch, PlainLM, check_fits, pad_rows, position_limit
 
-MODES = ("icl", "dynamic", "tint")
 TRAIN_ON = ("context", "demonstrations")
-LAYER_STEP_BUDGET = 12  # the paper: L top layers get 12 / L steps
 
 
 @register_model("tint-hf")
@@ -78,13 +77,13 @@ class AdaptiveLM(TemplateLM):
         _check(dtype in ("float32", "float64", "bfloat16"), "dtype", dtype, "float32, float64 or bfloat16")
         if mode != "tint":
             _check(num_prefixes is None, "num_prefixes", num_prefixes, "given only with mode=tint")
-        if n_steps is None:
-            if layers is None:
-                n_steps = 1
-            else:
-                _check(LAYER_STEP_BUDGET % layers == 0, "layers", layers,
-                       f"a divisor of {LAYER_STEP_BUDGET} (12 / L steps), or pass n_steps")
-                n_steps = LAYER_STEP_BUDGET // layers
+        try:
+            n_steps = steps_for_layers(layers, n_steps)
+        except ValueError as error:
+            raise ValueError(f"tint-hf lm-eval model: layers={layers}: {error}; pass n_steps (--model_args "
+                             "n_steps=...).") from None
+        _check(max_batch_size is None, "max_batch_size", max_batch_size,
+               "absent: it bounds lm-eval's batch size search (batch_size=auto), which tint-hf does not do")
         _check(not str(device).startswith("cuda") or torch.cuda.is_available(), "device", device,
                "a device this machine has (no CUDA here: pass --device cpu to lm-eval)")
         torch_dtype = getattr(torch, dtype)
@@ -164,21 +163,21 @@ class AdaptiveLM(TemplateLM):
         self.steps_taken += 1
         train = torch.ones_like(tokens)
         if self.mode == "dynamic":
-            return sgd_update(self.model, tokens, None, train, None, lr=self.inner_lr, n_steps=self.n_steps, per_sequence=False,
-                              n_layers=self.layers)
+            return sgd_update(self.model, tokens, None, train, None, lr=self.inner_lr, n_steps=self.n_steps,
+                              n_layers=self.layers, per_sequence=False)
         with torch.no_grad():
             return self.model.adapt(tokens, train_mask=train, inner_lr=self.inner_lr)
 
     def logits(self, rows: Sequence[Sequence[int]], weights, logits_from: int) -> torch.Tensor:
         """Logits (B, T - logits_from, V) of right-padded ``rows`` with the weights of :meth:`adapted`."""
-        batch = pad_rows([(r, [0] * len(r), [0] * len(r)) for r in rows], self.pad_id)
-        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        batch = Batch(*(t.to(self.device) for t in pad_rows([(r, [0] * len(r), [0] * len(r)) for r in rows],
+                                                             self.pad_id).tensors()))
         if self.mode == "tint":
             with torch.no_grad():
-                return self.model(input_ids=ids, attention_mask=mask, adaptation=weights,
-                                  train_mask=torch.zeros_like(ids) if weights is None else None,
-                                  logits_to_keep=ids.shape[1] - logits_from).logits
-        return PlainLM(self.model, weights).logits(Batch(*(t.to(self.device) for t in batch.tensors())), logits_from)
+                return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, adaptation=weights,
+                                  train_mask=batch.train_mask if weights is None else None,
+                                  logits_to_keep=batch.input_ids.shape[1] - logits_from).logits
+        return PlainLM(self.model, weights).logits(batch, logits_from)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -273,4 +272,4 @@ def _check(ok: bool, name: str, value, what: str) -> None:
         raise ValueError(f"tint-hf lm-eval model: {name}={value!r} must be {what} (--model_args {name}=...).")
 
 
-__all__ = ["AdaptiveLM", "MODES", "TRAIN_ON"]
+__all__ = ["TRAIN_ON", "AdaptiveLM"]
