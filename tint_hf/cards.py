@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -54,13 +55,15 @@ class FidelityRow:
     delta_vs_exact_sgd: str
 
 
-def recorded_fidelity() -> list[tuple[str, FidelityRow]]:
+@cache
+def recorded_fidelity() -> tuple[tuple[str, FidelityRow], ...]:
     """(family, row) per row of ``tint_hf/data/results/tint_fidelity.json``, written by ``python
     bench/tint_fidelity.py --record``: a rerun of the bench updates every card that quotes it."""
     record = json.loads((RESULTS_DIR / "tint_fidelity.json").read_text(encoding="utf-8"))
-    return [(row["aux"], FidelityRow(row["dtype"], row["backward"], f"{row['first pass vs HF']:.2e}",
-                                     f"{row['delta vs tint_step']:.2e}", f"{row['delta vs exact SGD (same subset)']:.2e}"))
-            for row in record["rows"]]
+    return tuple((row["aux"], FidelityRow(row["dtype"], row["backward"], f"{row['first pass vs HF']:.2e}",
+                                          f"{row['delta vs tint_step']:.2e}",
+                                          f"{row['delta vs exact SGD (same subset)']:.2e}"))
+                 for row in record["rows"])
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ SMOLLM2_METHODS = {"exact": "dynamic evaluation (`exact_step`)", "tint_step": "`
                    "tint": "TinT forward pass"}
 
 
+@cache
 def smollm2_perplexity() -> tuple[tuple[str, str, str, str], ...]:
     """(method, inner lr, perplexity before, after) per method, from the record that ``python bench/tint_smollm2.py
     --record`` writes (``tint_hf/data/results/tint_smollm2.json``)."""
@@ -130,6 +134,7 @@ SMOLLM2_CONVERSION_CELLS = (
 )
 
 
+@cache
 def smollm2_conversion() -> tuple[tuple[tuple[str, str, str], ...], str]:
     """The quoted (row, stage, cell) triples and the verdict, from the recorded conversion study."""
     result = json.loads((RESULTS_DIR / "mesa_conversion.json").read_text(encoding="utf-8"))

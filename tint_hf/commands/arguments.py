@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -95,8 +96,6 @@ def choices(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
 def field_default(cls: type, name: str):
     """The default of dataclass field ``name`` of ``cls`` (a config or settings class): where a command's option
     takes its default, so that it is declared once."""
-    import dataclasses
-
     (field,) = [f for f in dataclasses.fields(cls) if f.name == name]
     if field.default is not dataclasses.MISSING:
         return field.default
@@ -113,23 +112,24 @@ class DefaultsFormatter(argparse.HelpFormatter):
     already says what the default is or there is none (None, False, a required option)."""
 
     def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and action.option_strings and self._default(action) is not None:
+        if action.help is None and action.option_strings and self._default_text(action):
             action = copy.copy(action)  # an option without help text still shows its default
-            action.help = f"(default: {shown(self._default(action)).replace('%', '%%')})"
+            action.help = self._default_text(action)
         return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text, default = action.help or "", self._default(action)
-        if default is None or "default" in text.lower():
+        text = action.help or ""
+        if "default" in text.lower() or not self._default_text(action):
             return text
-        return f"{text} (default: {shown(default).replace('%', '%%')})".lstrip()
+        return f"{text} {self._default_text(action)}"
 
     @staticmethod
-    def _default(action: argparse.Action):
-        """The default worth showing, or None (none, False, suppressed, or a required option)."""
-        if action.required or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
-            return None
-        return action.default
+    def _default_text(action: argparse.Action) -> str:
+        """"(default: ...)" for a default worth showing, "" for none (None, False, suppressed, a required option)."""
+        default = action.default
+        if action.required or default is None or default is False or default == argparse.SUPPRESS:
+            return ""
+        return f"(default: {shown(default).replace('%', '%%')})"
 
 
 class Distinct(argparse.Action):

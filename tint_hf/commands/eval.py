@@ -81,16 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     proto.add_argument("--label-lrs", type=comma_list(learning_rate_or_zero, unique=True), default=None,
                        help="Learning rates of the label loss (default: --lrs).")
     proto.add_argument("--variant", type=choices(("concatenated", "single")), default=None,
-                       help="dynamic and tint: demos in one sequence, then ICL (concatenated, multi-FT), or each demo "
-                            "its own sequence and one summed step, then zero-shot (single-FT; tint packs them as "
-                            "separate segments); both: single,concatenated (default: concatenated; a --preset may "
-                            "set it).")
+                       help=preset_default("variant", "dynamic and tint: demos in one sequence, then ICL "
+                                                      "(concatenated, multi-FT), or each demo its own sequence and one "
+                                                      "summed step, then zero-shot (single-FT; tint packs them as "
+                                                      "separate segments); both: single,concatenated."))
     proto.add_argument("--train-on-query", type=choices(("dynamic", "tint", "none")), nargs="?",
                        const=("dynamic", "tint"), default=None,
-                       help="Modes whose context loss also trains on the query (both variants, and at k = 0): tint "
-                            "is the TinT authors' protocol (--preset tint-paper), dynamic the matched comparison, "
-                            "none neither (TinT without the query, under the preset); the flag alone means both "
-                            "(default: none; a --preset may set it).")
+                       help=preset_default("train_on_query", "Modes whose context loss also trains on the query "
+                                                             "(both variants, and at k = 0): tint is the TinT authors' "
+                                                             "protocol (--preset tint-paper), dynamic the matched "
+                                                             "comparison, none neither (TinT without the query, under "
+                                                             "the preset); the flag alone means both."))
     proto.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
                        help="Prepend BOS: follow the tokenizer (auto), or force.")
     parser.add_argument("--out", type=Path, required=True,

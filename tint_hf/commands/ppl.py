@@ -107,9 +107,10 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{mode:8s} lr={lr!s:8s} fraction={train_fraction} seed={seed}: perplexity "
                           f"{record['perplexity']:.3f} on {record['tokens']} tokens")
     summary = summarize_perplexity(records)
-    print(perplexity_table(summary))
+    table = perplexity_table(summary)
+    print(table)
     if args.out:
         (args.out / "results.json").write_text(json.dumps(dict(arguments=settings_of(args), environment=environment(),
                                                                summary=summary, results=records), indent=2) + "\n")
-        (args.out / "summary.md").write_text(perplexity_table(summary))
+        (args.out / "summary.md").write_text(table)
     return 0

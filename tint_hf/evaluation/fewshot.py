@@ -306,11 +306,15 @@ def _mode_dict(mode: ModeConfig) -> dict:
     return out
 
 
+def at_grid_edge(value: float, grid: Sequence[float]) -> bool:
+    """Whether ``value``, chosen from ``grid`` (two or more values), is its smallest or largest value: the optimum
+    may lie outside the grid, so the grid should be widened."""
+    return len(grid) > 1 and value in (min(grid), max(grid))
+
+
 def lr_at_grid_edge(run: dict) -> bool:
-    """Whether a run's learning rate was chosen from a grid (two or more values) and landed at its smallest or
-    largest value: the optimum may lie outside the grid, so the grid should be widened."""
-    grid = (run.get("mode_config") or {}).get("lrs") or []
-    return bool(run.get("selection")) and len(grid) > 1 and run["lr"] in (min(grid), max(grid))
+    """Whether a run's learning rate was chosen from a grid and landed at its edge (:func:`at_grid_edge`)."""
+    return bool(run.get("selection")) and at_grid_edge(run["lr"], (run.get("mode_config") or {}).get("lrs") or [])
 
 
 def summarize_runs(runs: Sequence[dict], num_classes: dict[str, int]) -> list[dict]:

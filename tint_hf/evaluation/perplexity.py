@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..assets import sample_speeches
 from ..simulate import build_target_masks, next_token_nll
+from .fewshot import at_grid_edge
 from .modes import Batch, check_fits
 from .scoring import Mode
 
@@ -112,7 +113,7 @@ def summarize_perplexity(records: Sequence[dict]) -> list[dict]:
         grid = [r for r in rows if (r["train_fraction"], r["mode"]) == (fraction, mode)]
         best = min(grid, key=lambda r: r["mean"])
         best["best"] = True
-        best["at_edge"] = len(grid) > 1 and best["lr"] in (grid[0]["lr"], grid[-1]["lr"])
+        best["at_edge"] = at_grid_edge(best["lr"], [r["lr"] for r in grid])
     return rows
 
 
