@@ -594,12 +594,13 @@ def test_gradients_flow_through_adapt_as_through_the_one_pass(family):
         (logits * weights).sum().backward()
         grads.append({name: p.grad.clone() for name, p in tint.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12, msg=name)
+    for name in grads[0]:  # float64; the split applies the demonstrations' update as factors (another rounding order)
+        scale = grads[0][name].abs().max().item()
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-10 * scale, msg=name)
     step = [k for k in grads[0] if k.startswith("model.layers.1.")]  # a simulated layer's prefixes
     assert step and any(grads[0][k].abs().sum() > 0 for k in step)
     with torch.no_grad():
-        assert tint.adapt(demos).final_prefix.grad_fn is None
+        assert all(t.grad_fn is None for t in tint.adapt(demos).tensors())
 
 
 def test_an_adaptation_from_another_model_or_an_older_state_is_refused():

@@ -246,7 +246,7 @@ class DynamicSGD:
         return out
 
 
-UPDATE_COPIES = 3  # per-row updated prefixes alive at once in a TinT call (the step's, the sum, the forward's reads)
+UPDATE_COPIES = 3  # per-row updates alive at once in a TinT call (the step's, the sum, the forward's temporaries)
 
 
 def available_memory(model: nn.Module) -> int | None:
@@ -279,10 +279,11 @@ class TinTForward:
         predicted alone with those weights (the same as packing them in front of each row, see
         :meth:`tint_hf.TinTForCausalLM.adapt`).
 
-        Rows that train on their own tokens each hold a copy of every updated prefix
-        (``model.update_bytes_per_row()``, ~0.5 GB per row for SmolLM2): a batch is split into as many calls as keep
-        ``UPDATE_COPIES`` such copies per row within ``memory_budget`` bytes (default: half the memory available
-        now), and a single row that does not fit is refused with the numbers, not left to the OOM killer."""
+        Rows that train on their own tokens each hold their own update (``model.update_bytes_per_row(tokens)``:
+        factors of 2 N d numbers per updated slot for N training tokens, at most a copy of every updated prefix,
+        ~0.5 GB per row for SmolLM2): a batch is split into as many calls as keep ``UPDATE_COPIES`` such updates
+        per row within ``memory_budget`` bytes (default: half the memory available now), and a single row that
+        does not fit is refused with the numbers, not left to the OOM killer."""
         if not accepts_training_masks(model):
             raise TypeError(f"{type(model).__name__}.forward takes no `train_mask`: the tint mode needs a TinT model "
                             f"(tint_hf.TinTForCausalLM, e.g. built with `tint-hf build`). Use icl or dynamic instead.")
@@ -291,9 +292,10 @@ class TinTForward:
         self.memory_budget = memory_budget
         self._adaptation = None
 
-    def rows_per_call(self, rows: int) -> int:
-        """How many rows that train on their own tokens one call may take (see ``__init__``)."""
-        per_row = getattr(self.model, "update_bytes_per_row", lambda: 0)() * UPDATE_COPIES
+    def rows_per_call(self, rows: int, tokens: int | None = None) -> int:
+        """How many rows of ``tokens`` positions (None: any length) that train on their own tokens one call may
+        take (see ``__init__``)."""
+        per_row = getattr(self.model, "update_bytes_per_row", lambda _: 0)(tokens) * UPDATE_COPIES
         budget = self.memory_budget if self.memory_budget is not None else available_memory(self.model) // 2
         if not per_row or budget is None:
             return rows
@@ -317,7 +319,7 @@ class TinTForward:
     def logits(self, batch: Batch, logits_from: int = 0) -> torch.Tensor:
         own_targets = bool((batch.train_mask.bool() & batch.attention_mask.bool()).any())
         rows = batch.input_ids.shape[0]
-        step = self.rows_per_call(rows) if own_targets else rows
+        step = self.rows_per_call(rows, batch.input_ids.shape[1]) if own_targets else rows
         if step < rows:  # memory: a per-row update for every row of the call
             return torch.cat([self._logits(Batch(*(t[i:i + step] for t in batch.tensors())), logits_from, True)
                               for i in range(0, rows, step)])

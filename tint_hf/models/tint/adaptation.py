@@ -1,7 +1,8 @@
 """The auxiliary weights after TinT's simulated step, and the bookkeeping of per-row updates.
 
 A step updates the prefixes of the simulated layers; rows that train on identical data share one update (R = 1 or
-U groups), rows with their own training data get their own (R = B).
+U groups), rows with their own training data get their own (R = B), kept as factors over the shared prefixes
+(:mod:`.prefix_updates`) while those are the smaller form.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .prefix_updates import Prefix, add_update, rows_of, select_rows, tensors_of
 from .sequence_masks import TargetMasks
 
 
@@ -18,18 +20,29 @@ class TinTAdaptation:
     """The auxiliary weights after the simulated step(s), as they sit in the prefixes of the updated layers.
 
     ``prefixes``: one dict per simulated (top) layer, prefix slot -> (R, P, D); ``final_prefix``: (R, P, D), where
-    R = 1 (one update shared by every row) or the batch size (one update per row). :meth:`TinTModel.adapt` returns
-    it; ``forward(..., adaptation=...)`` then predicts with these weights and skips the step, so one set of
-    demonstrations is trained on once and any number of later batches reuse it.
+    R = 1 (one update shared by every row) or the batch size (one update per row; a slot is then a
+    :class:`~.prefix_updates.FactoredPrefix` when its factors are smaller than the dense prefixes).
+    :meth:`TinTModel.adapt` returns it; ``forward(..., adaptation=...)`` then predicts with these weights and skips
+    the step, so one set of demonstrations is trained on once and any number of later batches reuse it.
     """
 
-    prefixes: list[dict[str, torch.Tensor]]
-    final_prefix: torch.Tensor
+    prefixes: list[dict[str, Prefix]]
+    final_prefix: Prefix
     origin: tuple = ()  # TinTModel.origin() of the model that made it, checked when it is used
+
+    def slots(self) -> list[Prefix]:
+        return [self.final_prefix, *(p for layer in self.prefixes for p in layer.values())]
 
     @property
     def rows(self) -> int:
-        return self.final_prefix.shape[0]
+        return max(rows_of(p) for p in self.slots())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor it holds, each once (prefixes and factors)."""
+        seen: dict[int, torch.Tensor] = {}
+        for prefix in self.slots():
+            seen.update((id(t), t) for t in tensors_of(prefix))
+        return list(seen.values())
 
 
 def check_adaptation(input_ids: torch.Tensor, adaptation: TinTAdaptation, train_mask: torch.Tensor | None,
@@ -73,23 +86,20 @@ def distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int,
     return rows, group
 
 
-def per_row(prefix: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+def per_row(prefix: Prefix, group: torch.Tensor) -> Prefix:
     """Prefixes of the U groups (U, ...) -> of the B rows; shared ones (leading dim 1) and rows that are their own
     groups in order (U = B) stay as they are."""
-    if prefix.shape[0] == 1 or prefix.shape[0] == group.shape[0]:
+    if rows_of(prefix) == group.shape[0]:
         return prefix
-    return prefix[group]
+    return select_rows(prefix, group)
 
 
 def added_update(base: TinTAdaptation, new: TinTAdaptation, start: TinTAdaptation) -> TinTAdaptation:
-    """``base + (new - start)``: the update of ``new`` (taken from the weights ``start``) added to ``base``. The
-    earlier update (base - start) is usually shared (R = 1), so one per-row tensor is written per slot, not three."""
-    def add(b: torch.Tensor, n: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return n + (b - w)
-
-    return TinTAdaptation([{slot: add(b[slot], n[slot], w[slot]) for slot in n}
+    """``base + (new - start)``: the update of ``new`` (taken from the weights ``start``) added to ``base``. A
+    per-row update of ``new`` kept as factors over ``start`` stays factored (over ``base``'s weights)."""
+    return TinTAdaptation([{slot: add_update(b[slot], n[slot], w[slot]) for slot in n}
                            for b, n, w in zip(base.prefixes, new.prefixes, start.prefixes, strict=True)],
-                          add(base.final_prefix, new.final_prefix, start.final_prefix), new.origin)
+                          add_update(base.final_prefix, new.final_prefix, start.final_prefix), new.origin)
 
 
 __all__ = ["TinTAdaptation", "added_update", "check_adaptation", "distinct_rows", "per_row"]

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_tint import TinTConfig
+from .prefix_updates import Prefix
 from .simulated_modules import (
     LINEAR_SLOTS,
     NORM_SLOTS,
@@ -112,12 +113,13 @@ class TinTForwardBlock(GradientCheckpointingLayer):
         """The learned prefix embeddings with a leading batch dimension of 1."""
         return self.prefixes(anchor)
 
-    def forward(self, hidden: torch.Tensor, prefixes: dict[str, torch.Tensor],
+    def forward(self, hidden: torch.Tensor, prefixes: dict[str, Prefix],
                 context: StepContext) -> tuple[torch.Tensor, BlockMemory]:
         """hidden (B, T, d), prefixes from :meth:`initial_prefixes` or a backward block -> (hidden, memory)."""
         u, ln1_x_hat = self.norm(hidden, prefixes["ln1"])
-        qkv = torch.stack([prefixes[s].expand_as(prefixes["v"]) for s in ("q", "k", "v")], dim=1)
-        q, k, v = self.linear(u.unsqueeze(1), qkv).unbind(1)
+        q, k = self.linear(u.unsqueeze(1), torch.stack(torch.broadcast_tensors(prefixes["q"], prefixes["k"]),
+                                                       dim=1)).unbind(1)  # never updated: dense
+        v = self.linear(u.unsqueeze(1), prefixes["v"].unsqueeze(1)).squeeze(1)
         attn = self.attention(q, k, v, context.allowed, context.rotary)
         after_attention = hidden + self.linear(attn.unsqueeze(1), prefixes["o"].unsqueeze(1)).squeeze(1)
         x2, ln2_x_hat = self.norm(after_attention, prefixes["ln2"])
@@ -150,8 +152,8 @@ class TinTBackwardBlock(GradientCheckpointingLayer):
         self.bias_only, self.mode, self.fd_scale = config.ln_bias_only, config.backward, config.fd_scale
         self.fc2_bias_bug = config.authors_fc2_bias_bug
 
-    def forward(self, grad: torch.Tensor, memory: BlockMemory, prefixes: dict[str, torch.Tensor],
-                context: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, grad: torch.Tensor, memory: BlockMemory, prefixes: dict[str, Prefix],
+                context: StepContext) -> tuple[torch.Tensor, dict[str, Prefix]]:
         """grad (B, T, d) at the block output -> (grad at the block input, updated prefixes)."""
         lr, bias = context.token_lr, self.has_bias
         new = dict(prefixes)
@@ -185,6 +187,15 @@ class TinTBackwardBlock(GradientCheckpointingLayer):
                                                          lr, self.bias_only, self.mode, self.fd_scale)
         return grad + grad_in, new
 
-    def _single(self, dy: torch.Tensor, x: torch.Tensor, prefix: torch.Tensor, lr: torch.Tensor):
+    def factor_numel(self, tokens: int) -> dict[str, int]:
+        """Numbers one row's update of each slot it updates holds as factors (:class:`FactoredPrefix`) after
+        training on ``tokens`` positions, as :meth:`forward` builds them: lr dy per map and the maps' input
+        (once when the maps share it), plus the bias and gain vectors. Q and K are never updated."""
+        d, C, n = self.linear.d, self.chunks, tokens
+        numel = {"ln1": 2 * d, "ln2": 2 * d, "v": 2 * n * d + d, "o": 2 * n * d + d,
+                 "fc2": 2 * C * n * d + C * d, "fc1": (C + 1) * n * d + C * d}
+        return numel | ({"gate": (C + 1) * n * d} if self.gated else {})
+
+    def _single(self, dy: torch.Tensor, x: torch.Tensor, prefix: Prefix, lr: torch.Tensor):
         dx, new = self.linear(dy.unsqueeze(1), x.unsqueeze(1), prefix.unsqueeze(1), lr, update_bias=self.has_bias)
         return dx.squeeze(1), new.squeeze(1)

@@ -34,6 +34,7 @@ from .construction import load_auxiliary_into
 from .dense_count import authors_dense_parameter_count
 from .generation import TinTGenerationMixin
 from .outputs import TinTCausalLMOutput, TinTModelOutput, as_requested, refuse_outputs
+from .prefix_updates import compact
 from .sequence_masks import (
     TargetMasks,
     build_target_masks,
@@ -206,17 +207,25 @@ class TinTModel(TinTPreTrainedModel):
                           "the adaptation is the model's own weights.", stacklevel=2)
         lr = self.step_sizes(inner_lr, input_ids.shape[0])
         continued, context = self._lower_layers(input_ids, masks, lr)
-        step = self._step(input_ids, masks, lr, continued, context)
+        start = self.initial_adaptation(continued)
+        step = self._step(input_ids, masks, lr, continued, context, start)
         if add_to is None:
             return step
-        return added_update(add_to, step, self.initial_adaptation(continued))
+        return added_update(add_to, step, start)
 
-    def update_bytes_per_row(self) -> int:
-        """Bytes one row's own update takes (its copy of every updated prefix): what a batch whose rows train on
-        their own tokens adds per row, before temporaries."""
-        L, n = self.spec.num_layers, self.config.n_simulation_layers
-        count = self.final_norm_prefix.numel() + sum(p.numel() for layer in self.layers[L - n:]
-                                                     for p in layer.prefixes.parameters())
+    def update_bytes_per_row(self, tokens: int | None = None) -> int:
+        """Bytes one row's own update takes when it trains on ``tokens`` positions: per updated slot its factors
+        or its dense copy, whichever is smaller (as the step keeps them, :func:`compact`); ``None``: the dense
+        copies (the most a row can take). What a batch whose rows train on their own tokens adds per row, before
+        temporaries."""
+        L, n, d = self.spec.num_layers, self.config.n_simulation_layers, self.spec.hidden_size
+        factors = self.backward_block.factor_numel(tokens or 0)
+        final = self.final_norm_prefix.numel()
+        count = final if tokens is None else min(final, 2 * d)
+        for layer in self.layers[L - n:]:
+            for slot in factors:
+                dense = layer.prefixes[slot].numel()
+                count += dense if tokens is None else min(dense, factors[slot])
         return count * self.final_norm_prefix.element_size()
 
     def origin(self) -> tuple:
@@ -252,17 +261,19 @@ class TinTModel(TinTPreTrainedModel):
         return hidden, context
 
     def _step(self, input_ids: torch.Tensor, masks: TargetMasks, lr: torch.Tensor, continued: torch.Tensor,
-              context: StepContext) -> TinTAdaptation:
-        """The simulated SGD step(s) on the training targets of ``masks``: per-row updated weights (R = B).
+              context: StepContext, start: TinTAdaptation | None = None) -> TinTAdaptation:
+        """The simulated SGD step(s) on the training targets of ``masks`` from the weights ``start`` (default: the
+        model's own): per-row updated weights (R = B), each slot in its smaller form (:func:`compact`: the step's
+        factors over ``start``, or dense prefixes).
 
         The training loss depends only on the positions up to its last target (causal attention), and rows that
         agree there receive the same update: the step runs once per distinct leading span (exact, and for a batch
         of prompts sharing their demonstrations, once in all), then every row reads its group's prefixes."""
-        adaptation = self.initial_adaptation(continued)
+        adaptation = start if start is not None else self.initial_adaptation(continued)
         span = gradient_span(masks)
         if span <= 1:
             return adaptation
-        prefixes, final_prefix = adaptation.prefixes, adaptation.final_prefix
+        prefixes, final_prefix = [dict(layer) for layer in adaptation.prefixes], adaptation.final_prefix
         rows, group = distinct_rows(input_ids, masks, span, lr)
         step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
         for _ in range(self.config.n_steps):
@@ -275,6 +286,8 @@ class TinTModel(TinTPreTrainedModel):
                 self.config.backward, self.config.fd_scale)
             for i in reversed(range(self.config.n_simulation_layers)):
                 grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
+            prefixes = [{slot: compact(p) for slot, p in layer.items()} for layer in prefixes]
+            final_prefix = compact(final_prefix)
         return TinTAdaptation([{slot: per_row(p, group) for slot, p in layer.items()} for layer in prefixes],
                               per_row(final_prefix, group), adaptation.origin)
 
@@ -403,9 +416,9 @@ class TinTForCausalLM(TinTGenerationMixin, TinTPreTrainedModel):
         output = TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
         return as_requested(self, output, return_dict)
 
-    def update_bytes_per_row(self) -> int:
+    def update_bytes_per_row(self, tokens: int | None = None) -> int:
         """See :meth:`TinTModel.update_bytes_per_row`."""
-        return self.model.update_bytes_per_row()
+        return self.model.update_bytes_per_row(tokens)
 
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,

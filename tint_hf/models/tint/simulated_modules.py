@@ -32,6 +32,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .auxiliary import AuxiliarySpec, apply_rotary
+from .prefix_updates import FactoredPrefix, Prefix, factored
 
 LINEAR_SLOTS = ("q", "k", "v", "o")
 NORM_SLOTS = ("ln1", "ln2")
@@ -82,6 +83,7 @@ class TinTLinearForward(nn.Module):
     the s shards of a row are summed. Bias head: query(t) = key(0) = e_0, value = prefix 0's bias slot.
 
     Shapes: x (B, G | 1, T, d), prefixes (B | 1, G, P, D) for G maps applied in parallel -> (B, G, T, d).
+    Prefixes with per-row updates kept as factors (:class:`FactoredPrefix`) add their low-rank correction.
     """
 
     def __init__(self, d: int, num_prefixes: int):
@@ -93,7 +95,9 @@ class TinTLinearForward(nn.Module):
         """(B, G, P, D) -> weight-head keys (B, G, P, r, s, P)."""
         return prefixes[..., : self.r * self.d].unflatten(-1, (self.r, self.d // self.P, self.P))
 
-    def forward(self, x: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefixes: Prefix) -> torch.Tensor:
+        if isinstance(prefixes, FactoredPrefix):
+            return self.forward(x, prefixes.base) + prefixes.correction(x)
         queries = x.unflatten(-1, (self.d // self.P, self.P))                           # (B, G, T, s, P)
         scores = torch.einsum("bgtcp,bgjacp->bgtja", queries, self.keys(prefixes))       # (B, G, T, P, r)
         return scores.flatten(-2) + prefix_bias(prefixes, self.d).unsqueeze(-2)
@@ -108,27 +112,30 @@ class TinTLinearBackwardDescent(TinTLinearForward):
     where ``lr_t`` is the inner learning rate on training-part tokens and 0 elsewhere: prefix rows receive
     ``-lr sum_t dy_t x_t^T`` (bias heads: ``-lr sum_t dy_t`` into prefix 0's bias slot).
 
+    The update is returned as factors over the prefixes read (:class:`FactoredPrefix`: ``lr_t dy_t`` and ``x_t``
+    of the training positions), so a row's own update costs 2 N d numbers, not a copy of the prefixes.
+
     Shapes: dy (B, G, T, d), x (B, G | 1, T, d), prefixes (B | 1, G, P, D), token_lr (B, T) ->
-    dx (B, G, T, d), new prefixes (B, G, P, D).
+    dx (B, G, T, d), new prefixes (B, G, P, D) as a :class:`FactoredPrefix`.
     """
 
-    def forward(self, dy: torch.Tensor, x: torch.Tensor, prefixes: torch.Tensor, token_lr: torch.Tensor,
-                update_weight: bool = True, update_bias: torch.Tensor | bool = True) -> tuple[torch.Tensor, ...]:
+    def forward(self, dy: torch.Tensor, x: torch.Tensor, prefixes: Prefix, token_lr: torch.Tensor,
+                update_weight: bool = True,
+                update_bias: torch.Tensor | bool = True) -> tuple[torch.Tensor, FactoredPrefix]:
+        prefixes = factored(prefixes)
         strided = dy.unflatten(-1, (self.P, self.r))                                     # (B, G, T, P, r)
-        dx = torch.einsum("bgtja,bgjacp->bgtcp", strided, self.keys(prefixes)).flatten(-2)
-        scaled = strided * token_lr[:, None, :, None, None].to(dy.dtype)
-        B, G = dy.shape[:2]
-        new = prefixes.expand(B, G, *prefixes.shape[-2:]).clone()
-        if update_weight:
-            queries = x.unflatten(-1, (self.d // self.P, self.P))                       # (B, G|1, T, s, P)
-            delta = torch.einsum("bgtja,bgtcp->bgjacp", scaled, queries.expand(B, G, *queries.shape[2:]))
-            new[..., : self.r * self.d] -= delta.flatten(-3)
-        bias_delta = scaled.flatten(-2).sum(-2)                                          # (B, G, d)
-        if isinstance(update_bias, torch.Tensor):                                        # per-map switch (G,)
-            bias_delta = bias_delta * update_bias.to(bias_delta.dtype)[:, None]
+        dx = torch.einsum("bgtja,bgjacp->bgtcp", strided, self.keys(prefixes.base)).flatten(-2)
+        dx = dx + prefixes.transposed_correction(dy)
+        training = token_lr.ne(0).any(0)                                                # (T,) positions that train
+        scaled = (dy * token_lr[:, None, :, None].to(dy.dtype))[..., training, :]        # (B, G, N, d)
+        bias_delta = None
         if update_bias is not False:
-            new[..., 0, -self.d:] -= bias_delta
-        return dx, new
+            bias_delta = scaled.sum(-2)                                                  # (B, G, d)
+            if isinstance(update_bias, torch.Tensor):                                    # per-map switch (G,)
+                bias_delta = bias_delta * update_bias.to(bias_delta.dtype)[:, None]
+        if not update_weight:
+            return dx, prefixes.plus(bias=bias_delta)
+        return dx, prefixes.plus(scaled, x[..., training, :], bias=bias_delta)
 
 
 def finite_difference(fn, x: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
@@ -163,20 +170,20 @@ class TinTNorm(nn.Module):
             return F.rms_norm(x, (self.d,), eps=self.eps)
         return F.layer_norm(x, (self.d,), eps=self.eps)
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, prefix: Prefix) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d), prefix (B | 1, P, D) -> (y, x_hat)."""
         x_hat = self.normalize(x)
         return self.affine(x_hat.unsqueeze(1), prefix.unsqueeze(1)).squeeze(1), x_hat
 
-    def backward_descent(self, dy: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, prefix: torch.Tensor,
+    def backward_descent(self, dy: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, prefix: Prefix,
                          token_lr: torch.Tensor, bias_only: bool, mode: str,
-                         fd_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         fd_scale: float) -> tuple[torch.Tensor, FactoredPrefix]:
         g_hat, new = self.affine_backward(dy.unsqueeze(1), x_hat.unsqueeze(1), prefix.unsqueeze(1), token_lr,
                                           update_weight=False, update_bias=self.kind == "layernorm")
         g_hat, new = g_hat.squeeze(1), new.squeeze(1)
         if not bias_only:  # gamma is a diagonal matrix: descend on its diagonal only
             gamma_delta = torch.einsum("btd,btd->bd", dy * token_lr.unsqueeze(-1).to(dy.dtype), x_hat)
-            new = new - stack_into_prefixes(torch.diag_embed(gamma_delta), torch.zeros_like(gamma_delta), self.P)
+            new = new.plus(diag=gamma_delta)
         if mode == "fd":
             return finite_difference(self.normalize, x, g_hat, fd_scale), new
         projection = x_hat * (g_hat * x_hat).mean(-1, keepdim=True)
