@@ -4,8 +4,8 @@
     python bench/tint_memory.py --budget-gib 2       # the tint mode split to fit a 2 GiB budget for per-row updates
 
 The zero-shot TinT cell of the authors' protocol trains every prompt on its own tokens (the query), so each row holds
-its own copy of every updated prefix (``TinTForCausalLM.update_bytes_per_row``); the tint mode splits a batch into
-calls that fit its memory budget (default: half the free memory). Printed: peak RSS of the icl batch (the plain
+its own update (factors over the shared prefixes, ``TinTForCausalLM.update_bytes_per_row(tokens)``); the tint mode
+splits a batch into calls that fit its memory budget (default: half the free memory). Printed: peak RSS of the icl batch (the plain
 auxiliary model), of the tint batch, and their ratio, measured in the same run.
 """
 
@@ -33,7 +33,7 @@ batch = Batch(ids, torch.ones_like(ids), train, torch.zeros_like(ids))
 if {mode!r} == "tint":
     tint = TinTForCausalLM.from_auxiliary(aux, inner_lr=1e-5)
     mode = TinTForward(tint, 1e-5, memory_budget={budget})
-    rows = mode.rows_per_call({batch})
+    rows = mode.rows_per_call({batch}, {length})
 else:
     mode, rows = PlainLM(aux), {batch}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -223,8 +223,19 @@ def test_convert_mesa_cli_runs_every_stage_on_a_local_model(tmp_path, capsys):
     assert console_main(argv) == 0
     printed = capsys.readouterr().out
     assert "teacher perplexity" in printed and "finetune   perplexity" in printed
+    assert "transfer: 2 steps x 2 x 64 tokens = 256 training tokens" in printed
     loaded = AutoModelForCausalLM.from_pretrained(out / "finetune")
     assert loaded.config.mesa_layers == [1] and (out / "finetune" / "tokenizer.json").exists()
+    assert loaded.config.mesa_window == 0
+    hybrid = tmp_path / "hybrid"
+    assert console_main([*argv[:-4], "--window", "8", "--stages", "transfer", "--out", str(hybrid), "--no-plot",
+                         "--quiet"]) == 0
+    transferred = AutoModelForCausalLM.from_pretrained(hybrid / "transfer")
+    assert transferred.config.mesa_window == 8
+    assert transferred.model.decoder.layers[1].self_attn.older_log_weight.abs().sum() > 0  # trained in the transfer
+    capsys.readouterr()
+    assert console_main([*argv[:-4], "--window-only", "--out", str(tmp_path / "w"), "--no-plot", "--quiet"]) == 2
+    assert "--window W" in capsys.readouterr().err
     assert console_main(argv[:-4] + ["--lora-rank", "3", "--out", str(out), "--no-plot", "--quiet"]) == 2
     assert "other settings" in capsys.readouterr().err
 

@@ -161,8 +161,8 @@ def test_remote_code_loads_without_tint_hf(tmp_path, gpt2_tokenizer):
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mesa_llama.MesaLlamaForCausalLM"
     # exactly the files its model imports from tint_hf/models/mesa/ (not the other family's)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.py")) == [
-        "configuration_mesa.py", "configuration_mesa_llama.py", "mesa_layer.py", "mesa_op.py", "modeling_mesa.py",
-        "modeling_mesa_llama.py"]
+        "configuration_mesa.py", "configuration_mesa_llama.py", "mesa_layer.py", "mesa_op.py", "mesa_window.py",
+        "modeling_mesa.py", "modeling_mesa_llama.py"]
     ids = left_padded()[0]
     expected = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert generate_in_a_process_without_tint_hf(tmp_path / "ckpt", ids, None, tmp_path) == expected.tolist()

@@ -237,8 +237,8 @@ def test_remote_code_loads_without_tint_hf(tmp_path):
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mesa_opt.MesaOPTForCausalLM"
     # exactly the files its model imports from tint_hf/models/mesa/ (not the other family's)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.py")) == [
-        "configuration_mesa.py", "configuration_mesa_opt.py", "mesa_layer.py", "mesa_op.py", "modeling_mesa.py",
-        "modeling_mesa_opt.py"]
+        "configuration_mesa.py", "configuration_mesa_opt.py", "mesa_layer.py", "mesa_op.py", "mesa_window.py",
+        "modeling_mesa.py", "modeling_mesa_opt.py"]
     ids, mask = batch_with_left_padding()
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert generate_in_a_process_without_tint_hf(tmp_path / "ckpt", ids, mask, tmp_path) == expected.tolist()

@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cg-steps", type=at_least(1), default=field_default(MesaOPTConfig, "cg_steps"))
     parser.add_argument("--short-conv-size", type=at_least(0), default=field_default(MesaOPTConfig, "short_conv_size"), help="MesaNet's short convolution width (0: off).")
     parser.add_argument("--output-gate", action="store_true", help="MesaNet's SiLU output gate.")
+    parser.add_argument("--window", type=at_least(0), default=field_default(MesaOPTConfig, "mesa_window"),
+                        help="Softmax over the last W tokens inside each converted layer, the mesa layer over the "
+                             "older ones (LoLCATs-style hybrid; 0: mesa only).")
+    parser.add_argument("--window-only", action="store_true",
+                        help="The window-only control: softmax over the last --window tokens, no mesa part.")
     def default(name: str):
         return field_default(ConversionSettings, name)
 
@@ -79,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
         from .._optional import require
 
         require("matplotlib", "plot", "tint-hf convert-mesa's losses.png (or pass --no-plot)")
+    if args.window_only and not args.window:
+        raise ValueError("--window-only is the window-only control: give its size with --window W (W > 0).")
     mesa = dict(mesa_solver=args.solver, cg_steps=args.cg_steps, short_conv_size=args.short_conv_size,
-                use_output_gate=args.output_gate)
+                use_output_gate=args.output_gate, mesa_window=args.window, mesa_window_only=args.window_only)
     settings = ConversionSettings(
         mesa_layers=args.layers, mesa=mesa, stages=args.stages,
         transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr, train_qkv=args.train_qkv,
@@ -100,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"The text gives {len(blocks)} blocks of {args.block_size} tokens: too few to hold out "
                              f"{count}; use a longer text or a smaller --block-size.")
         train, held_out = blocks[:-count], blocks[-count:]
+    for stage, steps in (("transfer", settings.transfer_steps), ("finetune", settings.finetune_steps)):
+        if stage in settings.stages:  # the token budget: steps x batch x block (the blocks repeat by epoch)
+            print(f"{stage}: {steps} steps x {settings.batch_size} x {args.block_size} tokens = "
+                  f"{steps * settings.batch_size * args.block_size} training tokens "
+                  f"({len(train)} distinct blocks = {len(train) * args.block_size} tokens)")
     convert(teacher, train, args.out, settings, eval_blocks=held_out, progress=not args.quiet)
     record = json.loads((args.out / "stages.json").read_text())
     for stage in record["stages"]:  # every stage folder loads with its tokenizer

@@ -36,6 +36,12 @@ class MesaConfigMixin:
         mesa_backend: ``"torch"`` (pure PyTorch, any device), ``"fla"`` (flash-linear-attention kernels, CUDA; only
             solver ``"cg"``, head width <= 128, no packed sequences; refused otherwise) or ``"auto"`` (fla when
             importable, on CUDA and applicable, else torch).
+        mesa_window: w > 0 makes each mesa layer a within-layer hybrid (LoLCATs' window + linear design with the
+            mesa-layer as the linear part): softmax attention of the base model's q, k, v over the last w tokens,
+            the mesa layer over the older ones, weighted by their attention mass (see ``mesa_window.py``); the
+            decode cache keeps the w-token window next to the mesa state. 0 (the default): the mesa layer alone.
+        mesa_window_only: the window-only control (requires ``mesa_window > 0``): softmax over the last w tokens and
+            nothing older; the mesa part is not run (its parameters stay in the checkpoint, untrained).
         layer_types: derived, one of ``"mesa"`` / ``"full_attention"`` per layer (sets up the generation cache);
             not saved (recomputed from ``mesa_layers`` on load).
     """
@@ -53,6 +59,8 @@ class MesaConfigMixin:
     forget_gate_windows: list[int | float] | tuple[int | float, int | float] = (16.0, 2048.0)
     use_input_gate: bool = True
     mesa_backend: str = "torch"
+    mesa_window: int = 0
+    mesa_window_only: bool = False
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -91,6 +99,10 @@ class MesaConfigMixin:
             raise ValueError(f"cg_steps_decode must be positive or None (= cg_steps), got {self.cg_steps_decode}.")
         if self.short_conv_size < 0 or self.short_conv_size == 1:
             raise ValueError(f"short_conv_size must be 0 (off) or >= 2 (MesaNet: 4), got {self.short_conv_size}.")
+        if isinstance(self.mesa_window, bool) or not isinstance(self.mesa_window, int) or self.mesa_window < 0:
+            raise ValueError(f"mesa_window must be an int >= 0 (0: no softmax window), got {self.mesa_window!r}.")
+        if self.mesa_window_only and not self.mesa_window:
+            raise ValueError("mesa_window_only=True is the window-only control: set mesa_window > 0 (its size).")
         if len(self.forget_gate_windows) != 2 or not 1 < self.forget_gate_windows[0] <= self.forget_gate_windows[1]:
             raise ValueError(f"forget_gate_windows must be (shortest, longest) > 1, got {self.forget_gate_windows}.")
 

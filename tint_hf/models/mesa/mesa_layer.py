@@ -15,7 +15,9 @@ On the mixer input u (B, T, hidden), with ``heads`` query heads and ``kv_heads``
     y       = out(concat_heads(RMSNorm_head(o) * o_norm.weight [* SiLU(g_proj(u))]))
 
 Grouped heads are run by repeating each key/value head (and its gates and lambda) over its query heads, so the
-states of a group are equal; the cache keeps them per query head.
+states of a group are equal; the cache keeps them per query head. With ``mesa_window = w > 0`` the layer is a
+within-layer hybrid: softmax over the last w tokens with the plain projections, the mesa layer over the older tokens
+(:mod:`.mesa_window`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .mesa_op import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
+from .mesa_window import attention_scale, delay, window_attention, window_mask, window_share
 
 MESA_PARAMETERS = frozenset({"lambda_params", "f_proj", "b_proj", "o_norm", "g_proj", "q_conv1d", "k_conv1d",
-                             "v_conv1d"})
+                             "v_conv1d", "older_log_weight"})
 """Names of the parameters a mesa layer adds to the base attention (everything else is loaded from the base model)."""
 
 class MesaStateLayer(CacheLayerMixin):
@@ -51,6 +54,7 @@ class MesaStateLayer(CacheLayerMixin):
         self.h_state: torch.Tensor | None = None
         self.s_state: torch.Tensor | None = None
         self.conv_state: torch.Tensor | None = None  # (B, K - 1, 3 * hidden): the last q/k/v projections
+        self.window: dict[str, torch.Tensor] | None = None  # mesa_window > 0: the last w tokens (see MesaAttention)
         self.seen_tokens = 0
 
     @property
@@ -85,9 +89,10 @@ class MesaStateLayer(CacheLayerMixin):
             self.s_state = fn(self.s_state)
             self.h_state = None if self.h_state is None else fn(self.h_state)
             self.conv_state = None if self.conv_state is None else fn(self.conv_state)
+            self.window = None if self.window is None else {name: fn(t) for name, t in self.window.items()}
 
     def reset(self) -> None:
-        self.h_state = self.s_state = self.conv_state = None
+        self.h_state = self.s_state = self.conv_state = self.window = None
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -191,6 +196,8 @@ class MesaAttention(nn.Module):
         self.lambda_params = nn.Parameter(torch.zeros(num_kv_heads, head_dim))
         self.o_norm = MesaHeadRMSNorm(num_heads, head_dim)
         self.g_proj = nn.Linear(hidden, num_heads * head_dim, bias=False) if config.use_output_gate else None
+        self.window = config.mesa_window
+        self.older_log_weight = nn.Parameter(torch.zeros(num_heads)) if self.window else None
         width = config.short_conv_size
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (
             (MesaShortConvolution(channels, width) for channels in
@@ -210,22 +217,23 @@ class MesaAttention(nn.Module):
         return backend == "auto" and applicable and fla_available()
 
     def _projections(self, hidden_states: torch.Tensor, layer_cache: MesaStateLayer | None,
-                     attention_mask: torch.Tensor | None, resets: torch.Tensor | None) -> list[torch.Tensor]:
-        """q (B, T, heads * d), k and v (B, T, kv_heads * d): the projections, through the short convolutions when
-        configured (their state read from and written to ``layer_cache``)."""
-        q, k, v = (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
+                     attention_mask: torch.Tensor | None,
+                     resets: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The plain projections q (B, T, heads * d), k and v (B, T, kv_heads * d), and the mesa part's: the same
+        through the short convolutions when configured (their state read from and written to ``layer_cache``)."""
+        plain = [proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj)]
         if self.q_conv1d is None:
-            return [q, k, v]
-        sizes = [q.shape[-1], k.shape[-1], v.shape[-1]]
+            return plain, plain
+        sizes = [x.shape[-1] for x in plain]
         previous = None if layer_cache is None or layer_cache.conv_state is None else layer_cache.conv_state.split(sizes, -1)
         outputs, states = [], []
-        for i, (conv, x) in enumerate(zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), strict=True)):
+        for i, (conv, x) in enumerate(zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), plain, strict=True)):
             y, new_state = conv(x, None if previous is None else previous[i], attention_mask, resets)
             outputs.append(y)
             states.append(new_state)
         if layer_cache is not None:
             layer_cache.conv_state = torch.cat(states, dim=-1)
-        return outputs
+        return plain, outputs
 
     def forward(
         self,
@@ -250,8 +258,12 @@ class MesaAttention(nn.Module):
                 f"The cache holds mesa states for {state[1].shape[0]} sequences but the input has {bsz}; pass a fresh "
                 "cache (or none) for a new batch."
             )
-        q, k, v = (x.view(bsz, length, -1, self.head_dim).transpose(1, 2)  # (B, heads | kv_heads, T, d)
-                   for x in self._projections(hidden_states, layer_cache, attention_mask, resets))
+        plain, processed = self._projections(hidden_states, layer_cache, attention_mask, resets)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, T, n * d) -> (B, n, T, d)
+            return x.view(bsz, length, -1, self.head_dim).transpose(1, 2)
+
+        q, k, v = (heads(x) for x in processed)
         if position_embeddings is not None:
             q, k = rotate(q, k, *position_embeddings)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -263,6 +275,13 @@ class MesaAttention(nn.Module):
         if attention_mask is not None:
             token_mask = attention_mask[:, None, :].to(dtype)
             g, beta = g * token_mask, beta * token_mask
+        window = None
+        if self.window:  # softmax over the last w tokens; the mesa part gets its inputs w tokens late
+            q_plain, k_plain = heads(plain[0]), heads(plain[1])
+            if position_embeddings is not None:
+                q_plain, k_plain = rotate(q_plain, k_plain, *position_embeddings)
+            window, (k, v, g, beta), older = self._window(q_plain, k_plain, heads(plain[2]), (k, v, g, beta),
+                                                          attention_mask, resets, layer_cache)
         lam = F.softplus(self.lambda_params.to(dtype)) + self.config.lambda_min  # (kv_heads, d)
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # each key/value head (with its gates and lambda) serves its group of query heads
@@ -270,7 +289,10 @@ class MesaAttention(nn.Module):
             lam = lam.repeat_interleave(group, dim=0)
 
         solver, cg_steps = self.config.mesa_solver, self.config.cg_steps
-        if state is not None and length == 1:  # decoding: one recurrent step
+        if self.config.mesa_window_only:  # the control: no mesa part (its state stays empty)
+            o = None
+            state = state if state is not None else (None, q.new_zeros(bsz, self.num_heads, 1, 1))
+        elif state is not None and length == 1:  # decoding: one recurrent step
             decode_steps = self.config.cg_steps_decode or cg_steps
             o, state = mesa_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], lam, g[:, :, 0], beta[:, :, 0], state, solver,
                                  decode_steps, None if resets is None else resets[:, 0])
@@ -282,10 +304,68 @@ class MesaAttention(nn.Module):
         if cache is not None:
             cache.update(*state, self.layer_idx, num_new_tokens=length)
 
-        o = self.o_norm(o.to(dtype)).transpose(1, 2).reshape(bsz, length, -1).to(hidden_states.dtype)  # (B, T, h*d)
-        if self.g_proj is not None:
-            o = o * F.silu(self.g_proj(hidden_states))
+        if o is not None:
+            o = self.o_norm(o.to(dtype))                                                  # (B, heads, T, d)
+            if self.g_proj is not None:
+                o = o * F.silu(heads(self.g_proj(hidden_states)).to(dtype))
+        if window is not None:
+            softmax_out, lse = window
+            share = window_share(lse, older, self.older_log_weight) if o is not None else 1.0
+            o = share * softmax_out + (1 - share) * o if o is not None else softmax_out
+        o = o.transpose(1, 2).reshape(bsz, length, -1).to(hidden_states.dtype)              # (B, T, heads * d)
         return getattr(self, self.out_name)(o), None
+
+    def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesa_inputs: tuple[torch.Tensor, ...],
+                attention_mask: torch.Tensor | None, resets: torch.Tensor | None,
+                layer_cache: MesaStateLayer | None):
+        """The window part and the delayed mesa inputs (:mod:`.mesa_window`).
+
+        q (B, heads, T, d), k and v (B, kv_heads, T, d): the plain projections (RoPE'd); ``mesa_inputs``: the mesa
+        part's k, v (B, kv_heads, T, d), g, beta (B, kv_heads, T). Returns ((softmax output (B, heads, T, d),
+        log-normaliser L (B, heads, T, 1)), the mesa inputs delayed by w, the count n of older tokens (B, T)); the
+        last w tokens and the count go to ``layer_cache``."""
+        w, (bsz, _, length, _) = self.window, q.shape
+        if resets is not None and layer_cache is not None:
+            raise NotImplementedError("mesa_window with packed sequences (resets) takes no cache: call without one "
+                                      "(training), or generate one sequence per row.")
+        dtype = mesa_inputs[0].dtype
+        real = (torch.ones(bsz, length, device=q.device) if attention_mask is None else attention_mask).to(dtype)
+        history = layer_cache.window if layer_cache is not None and layer_cache.window is not None else None
+        if history is None:  # nothing before the call: empty slots (not real, no mesa input)
+            history = {"k": k.new_zeros(bsz, k.shape[1], w, k.shape[-1]), "v": v.new_zeros(bsz, v.shape[1], w, v.shape[-1]),
+                       "real": real.new_zeros(bsz, w), "older": real.new_zeros(bsz),
+                       **{f"mesa_{i}": x.new_zeros(*x.shape[:2], w, *x.shape[3:]) for i, x in enumerate(mesa_inputs)}}
+        docs = document_ids(resets, bsz, length, q.device)
+        docs = torch.cat([docs[:, :1].expand(-1, w), docs], dim=1)                             # (B, w + T)
+        same_doc = docs[:, :length] == docs[:, w:]                  # token i - w is in i's document (B, T)
+        delayed, new_history = [], {}
+        for i, x in enumerate(mesa_inputs):
+            x, new_history[f"mesa_{i}"] = delay(x, history[f"mesa_{i}"], same_doc)
+            delayed.append(x)
+        delayed_real, new_history["real"] = delay(real[:, None], history["real"][:, None], same_doc)
+        new_history["real"] = new_history["real"][:, 0]
+        older = _count_within_documents(delayed_real[:, 0], resets) + history["older"][:, None]  # (B, T)
+        keys, values = torch.cat([history["k"], k], dim=2), torch.cat([history["v"], v], dim=2)  # (B, kv, w + T, d)
+        new_history["k"], new_history["v"] = keys[:, :, -w:], values[:, :, -w:]
+        group = self.num_heads // self.num_kv_heads
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        allowed = window_mask(torch.cat([history["real"], real], dim=1), docs, w)
+        out = window_attention(q.to(dtype), keys.to(dtype), values.to(dtype), allowed, attention_scale(self.head_dim))
+        if layer_cache is not None:
+            new_history["older"] = older[:, -1]
+            layer_cache.window = new_history
+        return out, delayed, older
+
+
+def _count_within_documents(x: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
+    """Running sum of x (B, T) that restarts at every packed document (``resets``)."""
+    total = x.cumsum(-1)
+    if resets is None:
+        return total
+    before = total - x
+    starts = resets.bool().clone()
+    starts[:, 0] = True
+    return total - torch.where(starts, before, torch.full_like(before, -1.0)).cummax(-1).values
 
 
 @torch.no_grad()
@@ -296,7 +376,8 @@ def init_mesa_parameters(module: nn.Module, config) -> None:
     * forget gate: zero weight, bias log(W_h - 1) so that 1 / (1 - gamma) = W_h, W_h log-spaced per head over
       ``forget_gate_windows`` (short- to long-memory heads);
     * input gate: zero weight and bias (beta = 1/2, which only rescales lambda);
-    * short convolution: the current token only (y_t = SiLU(x_t)); output norm weight 1.
+    * short convolution: the current token only (y_t = SiLU(x_t)); output norm weight 1;
+    * window (``mesa_window > 0``): older_log_weight mu = 0.
     """
     if isinstance(module, MesaAttention):
         init.constant_(module.lambda_params, math.log(math.expm1(config.lambda_init - config.lambda_min)))
@@ -308,6 +389,8 @@ def init_mesa_parameters(module: nn.Module, config) -> None:
         if module.b_proj is not None:
             init.zeros_(module.b_proj.weight)
             init.zeros_(module.b_proj.bias)
+        if module.older_log_weight is not None:  # each token older than the window weighs exp(0) = 1 at first
+            init.zeros_(module.older_log_weight)
     elif isinstance(module, MesaShortConvolution):
         init.zeros_(module.weight)
         init.constant_(module.weight[..., -1], 1.0)

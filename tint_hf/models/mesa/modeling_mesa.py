@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .mesa_layer import MESA_PARAMETERS
 
 MESA_STRUCTURE = ("mesa_layers", "short_conv_size", "use_output_gate", "use_forget_gate", "use_input_gate",
-                  "lambda_min", "num_attention_heads", "num_key_value_heads")
+                  "lambda_min", "num_attention_heads", "num_key_value_heads", "mesa_window", "mesa_window_only")
 """Mesa config fields that give a checkpoint's weights their meaning (:class:`WholeCheckpointMixin`)."""
 
 
