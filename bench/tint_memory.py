@@ -4,9 +4,9 @@
     python bench/tint_memory.py --budget-gib 2       # the tint mode split to fit a 2 GiB budget for per-row updates
 
 The zero-shot TinT cell of the authors' protocol trains every prompt on its own tokens (the query), so each row holds
-its own update (factors over the shared prefixes, ``TinTForCausalLM.update_bytes_per_row(tokens)``); the tint mode
-splits a batch into calls that fit its memory budget (default: half the free memory). Printed: peak RSS of the icl batch (the plain
-auxiliary model), of the tint batch, and their ratio, measured in the same run.
+its own update (factors over the shared prefixes) and its step's activations (``TinTForCausalLM.step_bytes_per_row``);
+the tint mode splits a batch into calls that fit its memory budget (default: half the free memory). Printed: peak RSS
+of the icl batch (the plain auxiliary model), of the tint batch, and their ratio, measured in the same run.
 """
 
 from __future__ import annotations

@@ -69,6 +69,22 @@ def test_single_variant_in_tint_and_dynamic_modes(checkpoint, tmp_path):
     assert by_mode[0] == by_mode[1] and len(by_mode[1]) == 8
 
 
+def test_tint_memory_budget_reaches_the_tint_mode(checkpoint, tmp_path):
+    """--tint-memory-gib bounds the per-row steps of rows that train on their own tokens: a budget below one row is
+    refused with the numbers (eval and ppl), a budget of a few rows gives the results of the default."""
+    common = ["--model", str(checkpoint), "--modes", "tint", "--lrs", "0.05", "--num-prefixes", "8", "--quiet"]
+    eval_args = ["eval", *common, "--tasks", "MR", "--data-dir", str(FIXTURES), "--shots", "0", "--seeds", "1",
+                 "--n-eval", "8", "--n-dev", "4", "--batch-size", "4", "--train-on-query", "tint"]
+    with pytest.raises(MemoryError, match="One row's own TinT step needs about"):
+        main([*eval_args, "--tint-memory-gib", "1e-9", "--out", str(tmp_path / "a")])
+    with pytest.raises(MemoryError, match="One row's own TinT step needs about"):
+        main(["ppl", *common, "--block-size", "32", "--max-blocks", "2", "--tint-memory-gib", "1e-9"])
+    assert main([*eval_args, "--tint-memory-gib", "0.015", "--out", str(tmp_path / "b")]) == 0  # 1 row per call
+    assert main([*eval_args, "--out", str(tmp_path / "c")]) == 0
+    split, whole = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in "bc")
+    assert [r["accuracy"] for r in split] == [r["accuracy"] for r in whole]
+
+
 def test_eval_errors_name_the_fix(checkpoint, tmp_path, capsys):
     common = ["eval", "--model", str(checkpoint), "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
@@ -299,6 +315,7 @@ def test_the_tint_paper_preset_sets_the_protocol_and_explicit_arguments_win():
     (["--modes", "icl,tint", "--tint-approximations"], "--tint-approximations"),
     (["--modes", "dynamic", "--label-lrs", "1e-3"], "--label-lrs"),
     (["--modes", "icl,dynamic", "--train-on-query", "tint"], "--train-on-query"),
+    (["--modes", "icl,dynamic", "--tint-memory-gib", "1"], "--tint-memory-gib"),
 ])
 def test_options_the_call_would_ignore_are_refused(extra, option, tmp_path):
     with pytest.raises(SystemExit, match=f"{option} would be ignored in this call"):

@@ -265,18 +265,17 @@ def test_tint_rows_with_their_own_step_are_split_to_fit_memory(model, gpt2_token
     """Each row that trains on its own tokens holds its own update; a budget that fits two such rows splits a batch
     of four into two calls with the same logits, and a budget below one row is refused with the numbers (before:
     the kernel's OOM killer, with no message)."""
-    from tint_hf.evaluation.modes import UPDATE_COPIES
-
     tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR)
     builder, contexts = prompts(gpt2_tokenizer, train_on_query=True)
     batch = pad_rows([(c.input_ids, c.train_mask, c.label_mask) for c in contexts], 50256)
-    per_row = tint.update_bytes_per_row(batch.input_ids.shape[1]) * UPDATE_COPIES
+    per_row = tint.step_bytes_per_row(batch.input_ids.shape[1])
+    assert per_row > 2 * tint.update_bytes_per_row(batch.input_ids.shape[1])  # activations counted too
     whole = TinTForward(tint, LR, memory_budget=10 * per_row)
     split = TinTForward(tint, LR, memory_budget=2 * per_row)
     length = batch.input_ids.shape[1]
     assert whole.rows_per_call(4, length) == 4 and split.rows_per_call(4, length) == 2
     torch.testing.assert_close(split.logits(batch), whole.logits(batch), rtol=1e-12, atol=1e-12)
-    with pytest.raises(MemoryError, match=r"One row's own TinT update needs about .* GiB.*--layers"):
+    with pytest.raises(MemoryError, match=r"One row's own TinT step needs about .* MiB.*--layers"):
         TinTForward(tint, LR, memory_budget=per_row // 2).logits(batch)
     shared = TinTForward(tint, LR, memory_budget=per_row // 2, demonstrations=pad_rows(
         [(c.input_ids, c.train_mask, c.label_mask) for c in builder.demonstration_rows(DEMOS)], 50256))

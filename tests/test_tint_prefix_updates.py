@@ -84,7 +84,7 @@ def test_per_row_updates_are_factored_and_predict_as_the_dense_ones(family):
 
 
 def test_the_memory_estimate_per_row_is_what_the_step_keeps():
-    """update_bytes_per_row(tokens), which the evaluation uses to split batches, counts what a per-row adaptation
+    """update_bytes_per_row(tokens), part of what the evaluation splits batches by, counts what a per-row adaptation
     really holds per row (factors, or dense copies where those are smaller), within the norms' vectors."""
     _, tint = build("opt")
     for tokens in (4, 12):  # factors, and (d = 32: 2 N d > the slot's P D for most slots) dense copies

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..evaluation.fewshot import MODES, TintSource, steps_for_layers
 from ..runstore import RunStore, fingerprint_model, fingerprint_tokenizer, versions
-from .arguments import at_least, choices, comma_list, learning_rate_or_zero, shown
+from .arguments import at_least, choices, comma_list, learning_rate_or_zero, positive, shown
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 PAPER_TASKS = ("SST2", "MR", "CR", "MPQA", "Subj", "AGNews", "AmazonPolarity", "YelpPolarity")
@@ -35,7 +35,7 @@ PRESETS = {
                        select="both"),
 }
 # Settings that cannot change a result: a resumed run may differ in these.
-NOT_SETTINGS = ("out", "quiet", "no_plot", "overwrite", "func", "batch_size")
+NOT_SETTINGS = ("out", "quiet", "no_plot", "overwrite", "func", "batch_size", "tint_memory_gib")
 
 
 def preset_default(name: str, text: str) -> str:
@@ -98,7 +98,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     adapt.add_argument("--tint-approximations", action="store_true",
                        help="dynamic mode: TinT's approximate step (tint_step) instead of true SGD.")
     adapt.add_argument("--batch-size", type=at_least(1), default=8)
+    adapt.add_argument("--tint-memory-gib", type=positive, default=None,
+                       help="Memory for the tint mode's per-row steps (rows that train on their own tokens); a batch "
+                            "is split into calls that fit, with the same results (default: half the free memory).")
     adapt.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+
+def tint_memory_budget(args: argparse.Namespace) -> int | None:
+    """``--tint-memory-gib`` in bytes (None: the tint mode's default, half the free memory)."""
+    return None if args.tint_memory_gib is None else int(args.tint_memory_gib * 2**30)
 
 
 def loaded(option: str, name: str, load, **kwargs):
@@ -165,6 +173,7 @@ def refuse_ignored(args: argparse.Namespace, given: set[str]) -> None:
         "tint_model": ("tint" not in args.modes, "applies to the tint mode only"),
         "num_prefixes": ("tint" not in args.modes or args.tint_model is not None,
                          "sets P when TinT is built here (tint mode, no --tint-model)"),
+        "tint_memory_gib": ("tint" not in args.modes, "applies to the tint mode only"),
         "tint_approximations": ("dynamic" not in args.modes, "applies to the dynamic mode only"),
         "label_lrs": ("label" not in loss, "applies to the label loss only (--loss label)"),
         "train_on_query": (not set(getattr(args, "train_on_query", ())) - {"none"} <= set(args.modes)

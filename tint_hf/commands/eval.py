@@ -32,6 +32,7 @@ from .common import (
     refuse_ignored,
     resolve_defaults,
     settings_of,
+    tint_memory_budget,
 )
 
 HELP = "Few-shot evaluation (standard ICL, dynamic evaluation, TinT) with one scorer; writes JSON/JSONL/MD/PNG."
@@ -145,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
                            n_eval=args.n_eval, n_dev=args.n_dev, eval_seed=args.eval_seed,
                            balanced=not args.unbalanced, legacy_sampler=args.legacy_sampler,
                            batch_size=args.batch_size, add_bos={"auto": None, "always": True, "never": False}[args.bos],
-                           progress=not args.quiet, select=args.select)
+                           progress=not args.quiet, select=args.select,
+                           tint_memory_budget=tint_memory_budget(args))
     evaluator = FewShotEvaluator(model, tokenizer, config, tint, store=store)
     runs, predictions = [], []
     for task in tasks:

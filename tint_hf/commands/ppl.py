@@ -32,6 +32,7 @@ from .common import (
     refuse_ignored,
     resolve_defaults,
     settings_of,
+    tint_memory_budget,
 )
 
 HELP = "Perplexity with in-context adaptation (icl = model as is, dynamic, tint) on blocks of a text corpus."
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                         elif mode == "dynamic":
                             scorer = DynamicSGD(model, lr, n_steps, n_layers, approximations=approx)
                         else:
-                            scorer = TinTForward(tint, lr)
+                            scorer = TinTForward(tint, lr, memory_budget=tint_memory_budget(args))
                         out = block_perplexity(scorer, blocks, train_fraction, batch_size=args.batch_size,
                                                desc=f"{mode} lr={lr} fraction={train_fraction} seed={seed}",
                                                progress=not args.quiet)

@@ -121,6 +121,7 @@ class FewShotConfig:
     add_bos: bool | None = None
     progress: bool = True
     select: str = "dev"
+    tint_memory_budget: int | None = None  # bytes for the tint mode's per-row steps (None: half the free memory)
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
@@ -202,7 +203,8 @@ class FewShotEvaluator:
                             self.pad_id)
         context_demos = [] if single else demos  # single-FT prompts are zero-shot (their query may still train)
         if mode.mode == "tint":
-            return TinTForward(self.tint_model_for(mode), lr, label_loss, demonstrations=rows), context_demos
+            return TinTForward(self.tint_model_for(mode), lr, label_loss, demonstrations=rows,
+                               memory_budget=self.config.tint_memory_budget), context_demos
         return DynamicSGD(self.model, lr, mode.n_steps, mode.n_layers, label_loss, mode.approximations,
                           demonstrations=rows), context_demos
 

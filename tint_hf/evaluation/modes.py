@@ -246,7 +246,6 @@ class DynamicSGD:
         return out
 
 
-UPDATE_COPIES = 3  # per-row updates alive at once in a TinT call (the step's, the sum, the forward's temporaries)
 
 
 def available_memory(model: nn.Module) -> int | None:
@@ -279,11 +278,11 @@ class TinTForward:
         predicted alone with those weights (the same as packing them in front of each row, see
         :meth:`tint_hf.TinTForCausalLM.adapt`).
 
-        Rows that train on their own tokens each hold their own update (``model.update_bytes_per_row(tokens)``:
-        factors of 2 N d numbers per updated slot for N training tokens, at most a copy of every updated prefix,
-        ~0.5 GB per row for SmolLM2): a batch is split into as many calls as keep ``UPDATE_COPIES`` such updates
-        per row within ``memory_budget`` bytes (default: half the memory available now), and a single row that
-        does not fit is refused with the numbers, not left to the OOM killer."""
+        Rows that train on their own tokens each hold their own update (factors of 2 N d numbers per updated slot
+        for N training tokens) and the activations of their own step (``model.step_bytes_per_row(tokens)``, an
+        estimate from the shapes): a batch is split into as many calls as keep that within ``memory_budget`` bytes
+        (default: half the memory available now), and a single row that does not fit is refused with the numbers,
+        not left to the OOM killer."""
         if not accepts_training_masks(model):
             raise TypeError(f"{type(model).__name__}.forward takes no `train_mask`: the tint mode needs a TinT model "
                             f"(tint_hf.TinTForCausalLM, e.g. built with `tint-hf build`). Use icl or dynamic instead.")
@@ -292,16 +291,17 @@ class TinTForward:
         self.memory_budget = memory_budget
         self._adaptation = None
 
-    def rows_per_call(self, rows: int, tokens: int | None = None) -> int:
-        """How many rows of ``tokens`` positions (None: any length) that train on their own tokens one call may
-        take (see ``__init__``)."""
-        per_row = getattr(self.model, "update_bytes_per_row", lambda _: 0)(tokens) * UPDATE_COPIES
+    def rows_per_call(self, rows: int, tokens: int) -> int:
+        """How many rows of ``tokens`` positions that train on their own tokens one call may take (see
+        ``__init__``)."""
+        per_row = self.model.step_bytes_per_row(tokens) if hasattr(self.model, "step_bytes_per_row") else 0
         budget = self.memory_budget if self.memory_budget is not None else available_memory(self.model) // 2
         if not per_row or budget is None:
             return rows
         if per_row > budget:
-            raise MemoryError(f"One row's own TinT update needs about {per_row / 2**30:.1f} GiB and "
-                              f"{budget / 2**30:.1f} GiB are free for it: simulate fewer layers (--layers), use a "
+            raise MemoryError(f"One row's own TinT step needs about {per_row / 2**20:,.0f} MiB and "
+                              f"{budget / 2**20:,.0f} MiB are free for it (--tint-memory-gib, default half the free "
+                              "memory): simulate fewer layers (--layers), use a "
                               "smaller model or a machine with more memory, or keep the query out of the training "
                               "part (--train-on-query).")
         return max(1, min(rows, budget // per_row))

@@ -4,7 +4,7 @@ context)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -108,6 +108,14 @@ class TinTForwardBlock(GradientCheckpointingLayer):
         self.norm = TinTNorm(spec, P)
         self.attention = TinTSoftmaxAttention(spec)
         self.activation = TinTActivation(spec.activation)
+
+    def memory_numel(self, tokens: int) -> int:
+        """Numbers one row's :class:`BlockMemory` holds for ``tokens`` positions: (T, d) per field, (C, T, d) for
+        the MLP's chunked fields (``up`` only in gated MLPs)."""
+        chunked = {"z", "s", "a"} | ({"up"} if self.gated else set())
+        plain = [f.name for f in fields(BlockMemory) if f.name not in chunked | {"up"}]
+        d, C = self.linear.d, self.prefixes["fc2"].shape[0]
+        return (len(plain) + len(chunked) * C) * tokens * d
 
     def initial_prefixes(self, anchor: torch.Tensor) -> dict[str, torch.Tensor]:
         """The learned prefix embeddings with a leading batch dimension of 1."""

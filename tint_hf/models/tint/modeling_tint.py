@@ -228,6 +228,15 @@ class TinTModel(TinTPreTrainedModel):
                 count += dense if tokens is None else min(dense, factors[slot])
         return count * self.final_norm_prefix.element_size()
 
+    def step_bytes_per_row(self, tokens: int) -> int:
+        """Bytes one row that trains on its own ``tokens`` positions adds to a call, estimated from the shapes (an
+        upper bound in practice): its update twice (the step's, and its sum with an earlier update), the activations
+        the simulated backward keeps (each simulated layer's block memory) and the loss gradient's softmax over the
+        vocabulary (logits and probabilities at every position)."""
+        L, n = self.spec.num_layers, self.config.n_simulation_layers
+        activations = sum(layer.memory_numel(tokens) for layer in self.layers[L - n:]) + 2 * tokens * self.spec.vocab_size
+        return 2 * self.update_bytes_per_row(tokens) + activations * self.final_norm_prefix.element_size()
+
     def origin(self) -> tuple:
         """What an adaptation made by this model depends on: the model object, its dtype and device, the simulated
         layers, and the versions of its parameters (any in-place change to a weight, e.g. an optimizer step, makes
@@ -419,6 +428,10 @@ class TinTForCausalLM(TinTGenerationMixin, TinTPreTrainedModel):
     def update_bytes_per_row(self, tokens: int | None = None) -> int:
         """See :meth:`TinTModel.update_bytes_per_row`."""
         return self.model.update_bytes_per_row(tokens)
+
+    def step_bytes_per_row(self, tokens: int) -> int:
+        """See :meth:`TinTModel.step_bytes_per_row`."""
+        return self.model.step_bytes_per_row(tokens)
 
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
