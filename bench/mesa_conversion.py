@@ -12,6 +12,9 @@ not start with --held-out (default 1961 and 1962, Kennedy) and is scored on thos
   calibrate, transfer (--transfer-steps), finetune (--finetune-steps of LoRA + KL on the converted layers'
   attention projections);
 * ``cg-mlp`` (any solver + ``-mlp``): the same conversion with LoRA on the converted layers' feed-forward projections;
+* ``cg+window``: the within-layer hybrid (``mesa_window = --window``): softmax over the last W tokens, the mesa layer
+  over the older ones; ``window``: the window-only control (softmax over the last W tokens, nothing older), both
+  through the same stages;
 * ``zero``: the removed-attention control: the original model with those layers' attention output set to zero,
   fine-tuned with the same token budget (--transfer-steps + --finetune-steps LoRA + KL steps, same rank and lr) on
   the same layers' feed-forward projections (the only trainable place left in them);
@@ -52,7 +55,7 @@ from tint_hf.runstore import RunStore, fingerprint_model, fingerprint_tensors, v
 
 RECORD = Path(__file__).resolve().parents[1] / "tint_hf" / "data" / "results" / "mesa_conversion.json"
 STUDY_ARGUMENTS = ("model", "held_out", "transfer_steps", "finetune_steps", "cg_steps", "block_size", "batch_size",
-                   "eval_blocks")  # runs recorded under other values of these cannot share one results.json
+                   "eval_blocks", "window")  # runs recorded under other values of these cannot share one results.json
 
 
 @torch.no_grad()
@@ -138,8 +141,12 @@ def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: tor
 
 
 def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, seed: int, folder: Path) -> dict:
-    solver, _, target = kind.partition("-")
-    settings = ConversionSettings(mesa_layers=layers, mesa=dict(mesa_solver=solver, cg_steps=args.cg_steps),
+    windowed = kind == "window" or kind.endswith("+window")
+    solver, _, target = ("cg" if kind == "window" else kind.removesuffix("+window")).partition("-")
+    mesa = dict(mesa_solver=solver, cg_steps=args.cg_steps)
+    if windowed:
+        mesa.update(mesa_window=args.window, mesa_window_only=kind == "window")
+    settings = ConversionSettings(mesa_layers=layers, mesa=mesa,
                                   transfer_steps=args.transfer_steps, finetune_steps=args.finetune_steps,
                                   batch_size=args.batch_size, seed=seed, lora_target=target or "attention")
     student = convert(teacher, train, folder, settings, eval_blocks=evaluation, progress=False)
@@ -148,7 +155,8 @@ def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, see
             **final_scores(student, evaluation, args.batch_size)}
 
 
-COMPARISONS = (("cg", "gd"), ("cg", "zero"), ("exact", "cg"))  # (run, against): paired by seed in the report
+COMPARISONS = (("cg", "gd"), ("cg", "zero"), ("exact", "cg"), ("cg+window", "window"), ("cg+window", "zero"),
+               ("cg+window", "cg"))  # (run, against): paired by seed in the report
 
 
 def paired_differences(result: dict, layers: str) -> list[str]:
@@ -232,6 +240,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--eval-blocks", type=int, default=0, help="score this many held-out blocks (0: all)")
+    parser.add_argument("--window", type=int, default=64, help="W of the cg+window and window runs (LoLCATs: 64)")
     parser.add_argument("--out", type=Path, default=Path("outputs/mesa_conversion"))
     parser.add_argument("--record", action="store_true",
                         help="also write results.json to tint_hf/data/results/mesa_conversion.json, the study the "

@@ -237,7 +237,11 @@ def _train(parameters: list[nn.Parameter], objective: Callable[[torch.Tensor], t
 
 def transfer(student: PreTrainedModel, teacher: PreTrainedModel, blocks: torch.Tensor, steps: int, lr: float,
              batch_size: int = 4, train_qkv: bool = False, seed: int = 0, progress: bool = True) -> list[float]:
-    """Stage 2: attention transfer (:func:`transfer_loss`), training only :func:`mesa_parameters`."""
+    """Stage 2: attention transfer (:func:`transfer_loss`), training only :func:`mesa_parameters`. The window-only
+    control (``mesa_window_only``) has no parameters of its own (its window is the original q, k, v): without
+    ``train_qkv`` the stage trains nothing and returns no losses."""
+    if getattr(student.config, "mesa_window_only", False) and not train_qkv:
+        return []
     chosen = mesa_parameters(student, train_qkv)
     for param in student.parameters():
         param.requires_grad_(False)

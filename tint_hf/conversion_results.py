@@ -13,8 +13,9 @@ import statistics
 
 STAGES = ("init", "calibrate", "transfer", "finetune")
 SOLVERS = ("cg", "gd", "exact")
-KINDS = (*SOLVERS, *(f"{solver}-mlp" for solver in SOLVERS), "zero", "original")
+KINDS = (*SOLVERS, *(f"{solver}-mlp" for solver in SOLVERS), "cg+window", "window", "zero", "original")
 LABELS = {"zero": "attention zeroed, MLP LoRA + KL", "original": "original, MLP LoRA + KL",
+          "cg+window": "mesa `cg` + softmax window", "window": "softmax window only",
           **{solver: f"mesa `{solver}`" for solver in SOLVERS},
           **{f"{solver}-mlp": f"mesa `{solver}`, MLP LoRA" for solver in SOLVERS}}
 
