@@ -236,6 +236,11 @@ def test_convert_mesa_cli_runs_every_stage_on_a_local_model(tmp_path, capsys):
     capsys.readouterr()
     assert console_main([*argv[:-4], "--window-only", "--out", str(tmp_path / "w"), "--no-plot", "--quiet"]) == 2
     assert "--window W" in capsys.readouterr().err
+    # the window-only control has no parameters of its own: the transfer trains nothing (and says so by no losses)
+    control = tmp_path / "control"
+    assert console_main([*argv[:-4], "--window", "8", "--window-only", "--stages", "transfer", "--out", str(control),
+                         "--no-plot", "--quiet"]) == 0
+    assert json.loads((control / "stages.json").read_text())["stages"]["transfer"]["losses"] == []
     assert console_main(argv[:-4] + ["--lora-rank", "3", "--out", str(out), "--no-plot", "--quiet"]) == 2
     assert "other settings" in capsys.readouterr().err
 
