@@ -110,10 +110,19 @@ def test_the_tint_hf_lm_eval_model_equals_our_modes_per_example(tmp_path, data, 
                                        progress=False)
         lm = AdaptiveLM(tint if mode == "tint" else model, mode=mode, inner_lr=LR, tokenizer=gpt2_tokenizer,
                         batch_size=4)
+        calls = []
+        if mode == "tint":  # count TinT's step calls: the questions of one batch are adapted on together
+            def counted(*args, _adapt=tint.model.adapt, _calls=calls, **kwargs):
+                _calls.append(args[0].shape[0])
+                return _adapt(*args, **kwargs)
+
+            tint.model.adapt = counted
         theirs, _ = lm_eval_scores(lm, tmp_path, shots)
         torch.testing.assert_close(theirs, expected, rtol=0, atol=1e-4)
         assert not torch.allclose(theirs, hf, atol=1e-3)  # the step did change the scores
         assert lm.steps_taken == len(examples)  # one step per question, shared by its two choices
+        if mode == "tint":  # batch_size 4 = two questions of two choices per call
+            assert calls == [2] * (len(examples) // 2) + [1] * (len(examples) % 2)
 
 
 def test_train_on_demonstrations_trains_on_the_few_shot_examples_only(tmp_path, data, gpt2_tokenizer):

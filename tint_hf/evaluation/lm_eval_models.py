@@ -181,42 +181,72 @@ class AdaptiveLM(TemplateLM):
 
     # -- requests ------------------------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), greedy) per request. Requests with one training part share one step;
-        consecutive requests with the same weights (every request for ``icl``; one question's choices; every
-        question after the same demonstrations) are batched together, up to ``batch_size`` rows."""
+        """(log p(continuation | context), greedy) per request. Requests with one training part share one step.
+        ``icl`` / ``dynamic``: consecutive requests with the same weights (every request for ``icl``; one question's
+        choices; every question after the same demonstrations) are batched together, up to ``batch_size`` rows.
+        ``tint``: the steps of the training parts of up to ``batch_size`` requests are taken together (one TinT call
+        with one update per training part, kept as factors), then those requests are scored in one batch."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, ((context, _), context_ids, _) in enumerate(requests):
             groups.setdefault((tuple(context_ids), self.training_part(context, context_ids)), []).append(i)
-        pending: list[tuple[int, list[int], int]] = []  # (request, row, first scored position)
-        weights = None
-
-        def flush() -> None:
-            rows = [row for _, row, _ in pending]
-            check_fits(self, max(len(r) for r in rows), "use fewer shots or a model with a longer context")
-            skip = min(start for _, _, start in pending)
-            logits = self.logits(rows, weights, skip)
-            for row, (i, _, start) in enumerate(pending):
-                continuation = torch.tensor(requests[i][2], device=logits.device)
-                scored = logits[row, start - skip: start - skip + len(continuation)]
-                log_probs = torch.log_softmax(scored.double(), dim=-1)
-                greedy = bool((log_probs.argmax(-1) == continuation).all())
-                results[i] = (float(log_probs.gather(-1, continuation[:, None]).sum()), greedy)
-            pending.clear()
-
-        for (context_ids, n_train), members in tqdm(groups.items(), desc=f"tint-hf {self.mode}",
-                                                    disable=disable_tqdm):
-            adapted = self.adapted(context_ids, n_train)
-            if pending and adapted is not weights:
-                flush()
-            weights = adapted
-            for i in members:
-                pending.append((i, list(context_ids) + list(requests[i][2])[:-1], len(context_ids) - 1))
-                if len(pending) == self.batch_size:
-                    flush()
+        bar = tqdm(total=len(groups), desc=f"tint-hf {self.mode}", disable=disable_tqdm)
+        pending: list[tuple[int, list[int], int, int]] = []  # (request, row, first scored position, update index)
+        items, weights = list(groups.items()), None
+        while items:
+            if self.mode == "tint":  # as many training parts as fit one batch of requests, adapted together
+                chunk = [items.pop(0)]
+                while items and sum(len(m) for _, m in chunk) + len(items[0][1]) <= self.batch_size:
+                    chunk.append(items.pop(0))
+                weights = self._adapt_together([key for key, _ in chunk])
+            else:  # one training part; its requests join the pending batch while the weights stay the same
+                chunk = [items.pop(0)]
+                adapted = self.adapted(*chunk[0][0])
+                if pending and adapted is not weights:
+                    self._score(requests, pending, weights, results)
+                weights = adapted
+            for index, ((context_ids, _), members) in enumerate(chunk):
+                for i in members:
+                    pending.append((i, list(context_ids) + list(requests[i][2])[:-1], len(context_ids) - 1, index))
+                    if len(pending) == self.batch_size:
+                        self._score(requests, pending, weights, results)
+            if self.mode == "tint" and pending:
+                self._score(requests, pending, weights, results)
+            bar.update(len(chunk))
         if pending:
-            flush()
+            self._score(requests, pending, weights, results)
+        bar.close()
         return results
+
+    def _adapt_together(self, parts: list[tuple[tuple[int, ...], int]]):
+        """TinT's step on several training parts (context tokens, how many train) at once: a
+        :class:`~tint_hf.TinTAdaptation` with one update per part, or None when none has anything to train on."""
+        trained = [n for _, n in parts if n >= 2]
+        if not trained or self.inner_lr == 0:
+            return None
+        self.steps_taken += len(trained)
+        rows = pad_rows([(ids[:max(n, 1)], [int(n >= 2)] * max(n, 1), [0] * max(n, 1)) for ids, n in parts],
+                        self.pad_id)  # a part with nothing to train on gets a zero update
+        batch = Batch(*(t.to(self.device) for t in rows.tensors()))
+        with torch.no_grad():
+            return self.model.adapt(batch.input_ids, batch.attention_mask, batch.train_mask, inner_lr=self.inner_lr)
+
+    def _score(self, requests, pending: list, weights, results: list) -> None:
+        """Score the ``pending`` requests (request, row, first scored position, update index) in one batch with
+        ``weights`` (for ``tint`` an adaptation holding one update per index), then empty ``pending``."""
+        rows = [row for _, row, _, _ in pending]
+        check_fits(self, max(len(r) for r in rows), "use fewer shots or a model with a longer context")
+        skip = min(start for _, _, start, _ in pending)
+        if self.mode == "tint" and weights is not None:
+            weights = weights.select(torch.tensor([index for *_, index in pending], device=self.device))
+        logits = self.logits(rows, weights, skip)
+        for row, (i, _, start, _) in enumerate(pending):
+            continuation = torch.tensor(requests[i][2], device=logits.device)
+            scored = logits[row, start - skip: start - skip + len(continuation)]
+            log_probs = torch.log_softmax(scored.double(), dim=-1)
+            greedy = bool((log_probs.argmax(-1) == continuation).all())
+            results[i] = (float(log_probs.gather(-1, continuation[:, None]).sum()), greedy)
+        pending.clear()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """The TinT paper's perplexity protocol per window (see the module docstring): the summed log-probability of

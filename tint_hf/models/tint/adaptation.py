@@ -37,6 +37,12 @@ class TinTAdaptation:
     def rows(self) -> int:
         return max(rows_of(p) for p in self.slots())
 
+    def select(self, rows: torch.Tensor) -> TinTAdaptation:
+        """The updates of the given rows (B',) in that order (repeats allowed), e.g. one per request of a batch whose
+        requests share the training parts adapted on; a shared update (R = 1) stays shared."""
+        return TinTAdaptation([{slot: select_rows(p, rows) for slot, p in layer.items()} for layer in self.prefixes],
+                              select_rows(self.final_prefix, rows), self.origin)
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor it holds, each once (prefixes and factors)."""
         seen: dict[int, torch.Tensor] = {}
