@@ -16,6 +16,9 @@ The mesa part's delayed stream holds at position i the (k, v, log forget gate, i
 (input gate 0, forget gate 1) when that token is outside i's document or before the sequence; its state after
 position i therefore covers exactly O_i. A decode cache keeps the last w tokens (their window keys and values and
 their pending mesa inputs) next to the mesa state: constant memory.
+
+Cost: decoding is constant per token; the training / prefill form scores the window with a dense (T, w + T) masked
+score matrix, which is quadratic in T like softmax attention (a banded kernel, linear in T, is not built).
 """
 
 from __future__ import annotations
