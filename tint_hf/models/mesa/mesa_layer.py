@@ -32,7 +32,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .mesa_op import MesaState, chunk_mesa, fla_available, fla_chunk_mesa, mesa_step, state_dtype
-from .mesa_window import attention_scale, delay, window_attention, window_mask, window_share
+from .mesa_window import attention_scale, delay, window_attention, window_share
 
 MESA_PARAMETERS = frozenset({"lambda_params", "f_proj", "b_proj", "o_norm", "g_proj", "q_conv1d", "k_conv1d",
                              "v_conv1d", "older_log_weight"})
@@ -349,8 +349,8 @@ class MesaAttention(nn.Module):
         new_history["k"], new_history["v"] = keys[:, :, -w:], values[:, :, -w:]
         group = self.num_heads // self.num_kv_heads
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        allowed = window_mask(torch.cat([history["real"], real], dim=1), docs, w)
-        out = window_attention(q.to(dtype), keys.to(dtype), values.to(dtype), allowed, attention_scale(self.head_dim))
+        out = window_attention(q.to(dtype), keys.to(dtype), values.to(dtype), torch.cat([history["real"], real], 1),
+                               docs, attention_scale(self.head_dim))
         if layer_cache is not None:
             new_history["older"] = older[:, -1]
             layer_cache.window = new_history

@@ -17,8 +17,8 @@ The mesa part's delayed stream holds at position i the (k, v, log forget gate, i
 position i therefore covers exactly O_i. A decode cache keeps the last w tokens (their window keys and values and
 their pending mesa inputs) next to the mesa state: constant memory.
 
-Cost: decoding is constant per token; the training / prefill form scores the window with a dense (T, w + T) masked
-score matrix, which is quadratic in T like softmax attention (a banded kernel, linear in T, is not built).
+Cost: decoding is constant per token; the training / prefill form scores each chunk of w queries against its 2w
+candidate keys, linear in T.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def delay(stream: torch.Tensor, history: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,25 +39,31 @@ def delay(stream: torch.Tensor, history: torch.Tensor, valid: torch.Tensor) -> t
     return joined[:, :, : stream.shape[2]] * valid.view(shape).to(stream.dtype), joined[:, :, -w:]
 
 
-def window_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention restricted to ``allowed`` (B, 1, T, w + T) (every row allows at least its own position):
-    q (B, h, T, d), keys / values (B, h, w + T, d) -> output (B, h, T, d) and the log-normaliser L (B, h, T, 1)."""
+def window_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor,
+                     docs: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of each query over the last w positions, chunk by chunk (linear in T).
+
+    q (B, h, T, d); keys / values (B, h, w + T, d): w history slots, then the call's tokens; ``real`` and ``docs``
+    (B, w + T). Query i (call position) attends to key kappa when kappa - w lies in (i - w, i], the key is a real
+    token of i's document, or kappa - w = i (so that every query has a key). The queries are cut into chunks of w; the
+    keys of chunk c all lie in the 2w slots [c w, c w + 2w). Returns the output (B, h, T, d) and the log-normaliser
+    L (B, h, T, 1)."""
+    w, length = keys.shape[2] - q.shape[2], q.shape[2]
+    chunks = -(-length // w)
+    pad = chunks * w - length
+    q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (chunks, w))                                # (B, h, n, w, d)
+    keys, values = (F.pad(x, (0, 0, 0, pad)).unfold(2, 2 * w, w).transpose(-1, -2) for x in (keys, values))
+    real, key_docs = (F.pad(x, (0, pad)).unfold(1, 2 * w, w) for x in (real, docs))      # (B, n, 2w)
+    query_docs = F.pad(docs[:, w:], (0, pad)).unflatten(1, (chunks, w))                  # (B, n, w)
+    offset = torch.arange(w, device=q.device)[:, None] - torch.arange(2 * w, device=q.device) + w  # (w, 2w)
+    band = (offset >= 0) & (offset < w)
+    allowed = band & (query_docs[..., :, None] == key_docs[..., None, :]) & real[..., None, :].bool()
+    allowed = (allowed | (offset == 0)).unsqueeze(1)                                       # (B, 1, n, w, 2w)
     scores = (q @ keys.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return torch.exp(scores - lse) @ values, lse
-
-
-def window_mask(real: torch.Tensor, docs: torch.Tensor, w: int) -> torch.Tensor:
-    """(B, 1, T, w + T) bool: query i (call position) may attend to key kappa (w history slots, then the call's
-    tokens) when kappa - w lies in (i - w, i], the key is a real token of i's document, or kappa - w = i.
-    ``real`` and ``docs`` are (B, w + T)."""
-    length = real.shape[1] - w
-    offset = torch.arange(length, device=real.device)[:, None] - (torch.arange(w + length, device=real.device) - w)
-    band = (offset >= 0) & (offset < w)                                                  # (T, w + T)
-    same = docs[:, w:, None] == docs[:, None, :]                                         # (B, T, w + T)
-    return ((band & same & real[:, None, :].bool()) | (offset == 0)).unsqueeze(1)
+    out = torch.exp(scores - lse) @ values
+    return out.flatten(2, 3)[:, :, :length], lse.flatten(2, 3)[:, :, :length]
 
 
 def window_share(lse: torch.Tensor, older: torch.Tensor, older_log_weight: torch.Tensor) -> torch.Tensor:
@@ -71,4 +78,4 @@ def attention_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-__all__ = ["attention_scale", "delay", "window_attention", "window_mask", "window_share"]
+__all__ = ["attention_scale", "delay", "window_attention", "window_share"]
