@@ -1,6 +1,8 @@
-"""Summary table, paper-style table and plot of a `tint-hf eval` output folder, finished or not (from cells.jsonl).
+"""Summary table, paper-style table and plot of `tint-hf eval` output folders, finished or not (from cells.jsonl).
 
-    python bench/eval_report.py outputs/eval_paper_smollm2 [--plot accuracy.png]
+    python bench/eval_report.py outputs/eval_paper_smollm2 [more folders] [--plot accuracy.png]
+
+Several folders (e.g. a zero-shot and a 32-shot run) are reported together; a cell found in two folders is refused.
 
 Prints the per-(task, mode, k, selection) summary and a paper-style table: one row per (mode, k, lr chosen on),
 one column per task, accuracy mean ± std over seeds (percent).
@@ -37,10 +39,16 @@ def paper_table(summary: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="+")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    runs = [run for cell in RunStore(args.out, "cells.jsonl").records.values() for run in cell["runs"]]
+    cells: dict[str, dict] = {}
+    for folder in args.out:
+        for key, cell in RunStore(folder, "cells.jsonl").records.items():
+            if key in cells:
+                parser.error(f"cell {key} is in two of the folders; report them separately")
+            cells[key] = cell
+    runs = [run for cell in cells.values() for run in cell["runs"]]
     summary = summarize_runs(runs, {r["task"]: get_task(r["task"]).num_classes for r in runs})
     print(markdown_table(summary))
     print(paper_table(summary))

@@ -59,12 +59,12 @@ def plot_accuracy(summary: Sequence[dict], path: Path, selection: str = "dev") -
     for ax, k in zip(axes[:, 0], shots, strict=True):
         cells = {(r["task"], r["mode"]): r for r in rows if r["shots"] == k}
         present = [m for m in methods if any((t, m) in cells for t in tasks)]
-        width = 0.8 / len(present)
+        bar = 0.8 / len(present)
         for i, method in enumerate(present):
             xs = [t for t, task in enumerate(tasks) if (task, method) in cells]
             values = [cells[(tasks[t], method)] for t in xs]
-            ax.bar([x + (i - (len(present) - 1) / 2) * width for x in xs], [100 * v["accuracy_mean"] for v in values],
-                   width, yerr=[100 * v["accuracy_std"] for v in values], capsize=2, color=colors[method],
+            ax.bar([x + (i - (len(present) - 1) / 2) * bar for x in xs], [100 * v["accuracy_mean"] for v in values],
+                   bar, yerr=[100 * v["accuracy_std"] for v in values], capsize=2, color=colors[method],
                    label=method)
         for t, task in enumerate(tasks):
             chance = 100 * next(r["chance"] for r in rows if r["task"] == task)
