@@ -123,6 +123,14 @@ def test_the_tint_hf_lm_eval_model_equals_our_modes_per_example(tmp_path, data, 
         assert lm.steps_taken == len(examples)  # one step per question, shared by its two choices
         if mode == "tint":  # batch_size 4 = two questions of two choices per call
             assert calls == [2] * (len(examples) // 2) + [1] * (len(examples) % 2)
+            # a memory budget that fits one row's step (a stated per-row need of 1 GiB, 1.5 GiB given): one per call
+            calls.clear()
+            tint.model.step_bytes_per_row = lambda tokens: 2**30
+            bounded = AdaptiveLM(tint, mode=mode, inner_lr=LR, tokenizer=gpt2_tokenizer, batch_size=4,
+                                 tint_memory_gib=1.5)
+            torch.testing.assert_close(lm_eval_scores(bounded, tmp_path, shots)[0], theirs, rtol=0, atol=1e-4)
+            assert calls == [1] * len(examples)
+            del tint.model.step_bytes_per_row
 
 
 def test_train_on_demonstrations_trains_on_the_few_shot_examples_only(tmp_path, data, gpt2_tokenizer):
@@ -191,6 +199,8 @@ def test_bad_model_arguments_name_the_argument(gpt2_tokenizer):
                          ({"mode": "dynamic", "layers": 5}, "layers=5"),
                          ({"mode": "dynamic", "train_on": "query"}, "train_on='query'"),
                          ({"batch_size": "auto"}, "batch_size='auto'"), ({"max_batch_size": 64}, "max_batch_size=64"),
+                         ({"mode": "dynamic", "tint_memory_gib": 1}, "tint_memory_gib=1"),
+                         ({"mode": "tint", "tint_memory_gib": 0}, "tint_memory_gib=0"),
                          *([({"device": "cuda"}, "device='cuda'")] if not torch.cuda.is_available() else [])):
         with pytest.raises(ValueError, match=says.replace("(", r"\(")):
             AdaptiveLM(model, tokenizer=gpt2_tokenizer, **kwargs)

@@ -13,7 +13,8 @@ Importing this module (it needs ``lm_eval``; ``pip install tint_hf[lm-eval]``) r
   then the continuation with the updated weights) or ``tint`` (TinT's simulated step, :meth:`TinTForCausalLM.adapt`,
   then the continuation with the adapted weights).
 * ``inner_lr`` (step size on the summed loss, default 1e-4), ``layers`` (top L layers updated; default all),
-  ``n_steps`` (default 12 / L as in the paper, 1 for all layers), ``num_prefixes`` (when TinT is built here).
+  ``n_steps`` (default 12 / L as in the paper, 1 for all layers), ``num_prefixes`` (when TinT is built here),
+  ``tint_memory_gib`` (memory for the steps TinT takes together, default half the free memory).
 * ``train_on``: ``context`` (every context token, the TinT authors' protocol: the query included) or
   ``demonstrations`` (only the few-shot examples: the context up to its last ``fewshot_delimiter``, default
   "\\n\\n"; a 0-shot context then has nothing to train on and is scored as ``icl``).
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..simulate import sgd_update
 from .fewshot import MODES, steps_for_layers
-from .modes import Batch, PlainLM, check_fits, pad_rows, position_limit
+from .modes import Batch, PlainLM, check_fits, pad_rows, position_limit, rows_that_fit
 
 TRAIN_ON = ("context", "demonstrations")
 
@@ -51,7 +52,7 @@ class AdaptiveLM(TemplateLM):
                  layers: int | None = None, n_steps: int | None = None, train_on: str | None = None,
                  num_prefixes: int | None = None, tokenizer=None, dtype: str = "float32", batch_size: int | str = 8,
                  fewshot_delimiter: str = "\n\n", train_fraction: float = 0.5, window: int | None = None,
-                 device: str = "cpu", max_batch_size: int | None = None):
+                 device: str = "cpu", max_batch_size: int | None = None, tint_memory_gib: float | None = None):
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,6 +78,9 @@ class AdaptiveLM(TemplateLM):
         _check(dtype in ("float32", "float64", "bfloat16"), "dtype", dtype, "float32, float64 or bfloat16")
         if mode != "tint":
             _check(num_prefixes is None, "num_prefixes", num_prefixes, "given only with mode=tint")
+            _check(tint_memory_gib is None, "tint_memory_gib", tint_memory_gib, "given only with mode=tint")
+        _check(tint_memory_gib is None or (isinstance(tint_memory_gib, int | float) and tint_memory_gib > 0),
+               "tint_memory_gib", tint_memory_gib, "a number > 0 (GiB)")
         try:
             n_steps = steps_for_layers(layers, n_steps)
         except ValueError as error:
@@ -96,6 +100,7 @@ class AdaptiveLM(TemplateLM):
         self.mode, self.inner_lr, self.layers, self.n_steps, self.train_on = mode, inner_lr, layers, n_steps, train_on
         self.batch_size, self.fewshot_delimiter = batch_size, fewshot_delimiter
         self.train_fraction, self._device = train_fraction, torch.device(device)
+        self.memory_budget = None if tint_memory_gib is None else int(tint_memory_gib * 2**30)
         self.steps_taken = 0  # training steps (one per distinct training part), for the record and the tests
         self._last = None  # (training tokens, weights) of the latest step: consecutive requests reuse it
         if mode == "tint" and not isinstance(model, TinTForCausalLM):
@@ -194,10 +199,13 @@ class AdaptiveLM(TemplateLM):
         pending: list[tuple[int, list[int], int, int]] = []  # (request, row, first scored position, update index)
         items, weights = list(groups.items()), None
         while items:
-            if self.mode == "tint":  # as many training parts as fit one batch of requests, adapted together
+            if self.mode == "tint":  # as many training parts as fit one batch of requests (and memory), together
                 chunk = [items.pop(0)]
                 while items and sum(len(m) for _, m in chunk) + len(items[0][1]) <= self.batch_size:
                     chunk.append(items.pop(0))
+                longest = max(n for (_, n), _ in chunk)
+                fits = rows_that_fit(self.model, len(chunk), longest, self.memory_budget) if longest >= 2 else len(chunk)
+                items[:0], chunk = chunk[fits:], chunk[:fits]
                 weights = self._adapt_together([key for key, _ in chunk])
             else:  # one training part; its requests join the pending batch while the weights stay the same
                 chunk = [items.pop(0)]

@@ -262,6 +262,22 @@ def available_memory(model: nn.Module) -> int | None:
         return None
 
 
+def rows_that_fit(model: nn.Module, rows: int, tokens: int, budget: int | None) -> int:
+    """How many of ``rows`` rows of ``tokens`` positions, each training on its own tokens, one TinT call may take so
+    that their steps (``model.step_bytes_per_row``) fit ``budget`` bytes (None: half the memory available now); a row
+    that cannot fit alone is refused with the numbers."""
+    per_row = model.step_bytes_per_row(tokens) if hasattr(model, "step_bytes_per_row") else 0
+    budget = budget if budget is not None else available_memory(model) // 2
+    if not per_row or budget is None:
+        return rows
+    if per_row > budget:
+        raise MemoryError(f"One row's own TinT step needs about {per_row / 2**20:,.0f} MiB and "
+                          f"{budget / 2**20:,.0f} MiB are free for it (--tint-memory-gib, default half the free "
+                          "memory): simulate fewer layers (--layers), use a smaller model or a machine with more "
+                          "memory, or keep the query out of the training part (--train-on-query).")
+    return max(1, min(rows, budget // per_row))
+
+
 def accepts_training_masks(model: nn.Module) -> bool:
     return "train_mask" in inspect.signature(model.forward).parameters
 
@@ -294,17 +310,7 @@ class TinTForward:
     def rows_per_call(self, rows: int, tokens: int) -> int:
         """How many rows of ``tokens`` positions that train on their own tokens one call may take (see
         ``__init__``)."""
-        per_row = self.model.step_bytes_per_row(tokens) if hasattr(self.model, "step_bytes_per_row") else 0
-        budget = self.memory_budget if self.memory_budget is not None else available_memory(self.model) // 2
-        if not per_row or budget is None:
-            return rows
-        if per_row > budget:
-            raise MemoryError(f"One row's own TinT step needs about {per_row / 2**20:,.0f} MiB and "
-                              f"{budget / 2**20:,.0f} MiB are free for it (--tint-memory-gib, default half the free "
-                              "memory): simulate fewer layers (--layers), use a "
-                              "smaller model or a machine with more memory, or keep the query out of the training "
-                              "part (--train-on-query).")
-        return max(1, min(rows, budget // per_row))
+        return rows_that_fit(self.model, rows, tokens, self.memory_budget)
 
     def adaptation(self) -> TinTAdaptation:
         """The single-FT step on the demonstrations, taken on first use and kept for every later batch."""
