@@ -36,6 +36,8 @@ if {mode!r} == "hf":
 else:
     from tint_hf.evaluation.lm_eval_models import AdaptiveLM
     extra = {{}} if {mode!r} == "icl" else dict(inner_lr=1e-4, layers=12)
+    if {mode!r} == "tint" and {budget!r} is not None:
+        extra["tint_memory_gib"] = {budget!r}
     lm = AdaptiveLM(model, mode={mode!r}, tokenizer=tokenizer, batch_size=8, **extra)
 built = time.perf_counter() - start
 start = time.perf_counter()
@@ -68,6 +70,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 4])
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--modes", nargs="+", default=["hf", "icl", "dynamic", "tint"])
+    parser.add_argument("--tint-memory-gib", type=float, default=None,
+                        help="the tint mode's budget for steps taken together (default: half the free memory)")
     args = parser.parse_args()
     if not (args.model / "config.json").exists() or not (args.data / "SST2").is_dir():
         raise SystemExit(f"No model at {args.model} or stand-ins in {args.data}: run bash scripts/fetch_eval_assets.sh")
@@ -78,7 +82,8 @@ def main() -> None:
         export(tasks, args.data, args.docs, max(shots, 2))  # (a 0-shot run reads no demonstration)
         rows = {}
         for mode in args.modes:
-            code = CHILD.format(model=str(args.model), mode=mode, shots=shots, docs=args.docs, tasks=str(tasks))
+            code = CHILD.format(model=str(args.model), mode=mode, shots=shots, docs=args.docs, tasks=str(tasks),
+                                budget=args.tint_memory_gib)
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         base = rows.get("hf")
