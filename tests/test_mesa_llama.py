@@ -126,8 +126,12 @@ def test_prefill_decode_and_generate_equal_the_full_forward(mesa_kwargs):
 
 def test_packed_documents_equal_running_them_separately():
     model = MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[0], short_conv_size=4, cg_steps=8)
+    assert_packing_equals_separate_runs(model, [5, 3, 8])
+
+
+def assert_packing_equals_separate_runs(model, lengths):
+    """Documents of ``lengths`` packed in one row (positions restarting at 0) score as each run alone."""
     gen = torch.Generator().manual_seed(1)
-    lengths = [5, 3, 8]
     docs = [torch.randint(3, 64, (n,), generator=gen) for n in lengths]
     packed = model(torch.cat(docs)[None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None]).logits
     start = 0

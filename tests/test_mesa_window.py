@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama, tiny_opt
-from test_mesa_llama import left_padded, positions
+from test_mesa_llama import assert_packing_equals_separate_runs, left_padded, positions
 
 from tint_hf import MesaLlamaConfig, MesaLlamaForCausalLM, MesaOPTForCausalLM
 
@@ -133,14 +133,7 @@ def test_packed_documents_equal_running_them_separately():
     """Windows, delayed mesa inputs and the count of older tokens all restart with each packed document."""
     model = MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers="all", short_conv_size=4, cg_steps=8,
                                             mesa_window=WINDOW)
-    gen = torch.Generator().manual_seed(1)
-    lengths = [5, 2, 9]
-    docs = [torch.randint(3, 64, (n,), generator=gen) for n in lengths]
-    packed = model(torch.cat(docs)[None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None]).logits
-    start = 0
-    for doc in docs:
-        assert (packed[0, start: start + len(doc)] - model(doc[None]).logits[0]).abs().max() < 1e-10
-        start += len(doc)
+    assert_packing_equals_separate_runs(model, [5, 2, 9])
 
 
 def test_window_settings_are_checked():
