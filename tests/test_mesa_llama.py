@@ -85,20 +85,29 @@ def reference_mesa_mixer(mixer, x, cos, sin, lambda_min):
     return mixer.o_proj(normed.transpose(1, 2).reshape(bsz, length, heads * d))
 
 
-def test_the_mesa_mixer_equals_an_independent_rope_and_grouped_head_reference():
-    model = MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[0], mesa_solver="exact")
+def assert_first_mixer_matches(model, reference, perturb: tuple[str, ...] = (), scale: float = 0.3) -> torch.Tensor:
+    """Move layer 0's gates, lambda, output norm (and ``perturb``) away from their initial values, run the model on
+    left_padded() ids and compare the mixer's output with ``reference(mixer, x, cos, sin)`` (float64). Returns ids."""
     mixer = model.model.layers[0].self_attn
-    with torch.no_grad():  # gates and lambda away from their initial values
-        for p in (mixer.f_proj.weight, mixer.b_proj.weight, mixer.lambda_params, mixer.o_norm.weight):
-            p.add_(0.3 * torch.randn_like(p))
+    with torch.no_grad():
+        for name in ("f_proj.weight", "b_proj.weight", "lambda_params", "o_norm.weight", *perturb):
+            p = mixer.get_parameter(name)
+            p.add_(scale * torch.randn_like(p))
     captured = {}
     mixer.register_forward_hook(lambda m, args, kwargs, out: captured.update(x=args[0], out=out[0]), with_kwargs=True)
     ids = left_padded()[0]
     with torch.no_grad():
         model(ids)
         cos, sin = model.model.rotary_emb(captured["x"], torch.arange(ids.shape[1])[None].expand(3, -1))
-        expected = reference_mesa_mixer(mixer, captured["x"], cos, sin, model.config.lambda_min)
+        expected = reference(mixer, captured["x"], cos, sin)
     torch.testing.assert_close(captured["out"], expected, rtol=1e-10, atol=1e-12)
+    return ids
+
+
+def test_the_mesa_mixer_equals_an_independent_rope_and_grouped_head_reference():
+    model = MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[0], mesa_solver="exact")
+    ids = assert_first_mixer_matches(model, lambda m, x, cos, sin: reference_mesa_mixer(m, x, cos, sin,
+                                                                                        model.config.lambda_min))
     no_rope = MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[0], mesa_solver="exact", mesa_rope=False)
     assert (no_rope(ids).logits - model(ids).logits).abs().max() > 0  # the switch acts
 

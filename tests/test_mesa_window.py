@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama, tiny_opt
-from test_mesa_llama import assert_packing_equals_separate_runs, left_padded, positions
+from test_mesa_llama import assert_first_mixer_matches, assert_packing_equals_separate_runs, left_padded, positions
 
 from tint_hf import MesaLlamaConfig, MesaLlamaForCausalLM, MesaOPTForCausalLM
 
@@ -62,19 +62,8 @@ def reference_hybrid(mixer, x, cos, sin, lambda_min, w, window_only=False):
 def test_the_hybrid_mixer_equals_an_independent_reference(window_only):
     model = MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[0], mesa_solver="exact", mesa_window=WINDOW,
                                             mesa_window_only=window_only)
-    mixer = model.model.layers[0].self_attn
-    with torch.no_grad():  # gates, lambda and the older tokens' weight away from their initial values
-        for p in (mixer.f_proj.weight, mixer.b_proj.weight, mixer.lambda_params, mixer.o_norm.weight,
-                  mixer.older_log_weight):
-            p.add_(0.5 * torch.randn_like(p))
-    captured = {}
-    mixer.register_forward_hook(lambda m, args, kwargs, out: captured.update(x=args[0], out=out[0]), with_kwargs=True)
-    ids = left_padded()[0]
-    with torch.no_grad():
-        model(ids)
-        cos, sin = model.model.rotary_emb(captured["x"], torch.arange(ids.shape[1])[None].expand(3, -1))
-        expected = reference_hybrid(mixer, captured["x"], cos, sin, model.config.lambda_min, WINDOW, window_only)
-    torch.testing.assert_close(captured["out"], expected, rtol=1e-10, atol=1e-12)
+    assert_first_mixer_matches(model, lambda m, x, cos, sin: reference_hybrid(
+        m, x, cos, sin, model.config.lambda_min, WINDOW, window_only), perturb=("older_log_weight",), scale=0.5)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
