@@ -47,6 +47,10 @@ CASES = {
     "mesa_llama": Case(lambda: MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[1], mesa_solver="exact"),
                        base=lambda: MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[]), pad_id=0,
                        lora=dict(target_modules=["q_proj", "v_proj"])),
+    "mesa_llama_window": Case(  # the within-layer hybrid: a softmax window of 3 tokens and mesa over older ones
+        lambda: MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[1], mesa_solver="exact", mesa_window=3),
+        base=lambda: MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[]), pad_id=0,
+        lora=dict(target_modules=["q_proj", "v_proj"])),
     "tint": Case(_tint, pad_id=1, refuses={"resize", "prefix_tuning", "hidden_states"},
                  lora=dict(target_parameters=["prefixes.v", "prefixes.fc1"])),
 }
