@@ -308,10 +308,13 @@ class MesaAttention(nn.Module):
             o = self.o_norm(o.to(dtype))                                                  # (B, heads, T, d)
             if self.g_proj is not None:
                 o = o * F.silu(heads(self.g_proj(hidden_states)).to(dtype))
-        if window is not None:
+        if window is not None:  # the window alone (control), or both parts weighted by their attention mass
             softmax_out, lse = window
-            share = window_share(lse, older, self.older_log_weight) if o is not None else 1.0
-            o = share * softmax_out + (1 - share) * o if o is not None else softmax_out
+            if o is None:
+                o = softmax_out
+            else:
+                share = window_share(lse, older, self.older_log_weight)
+                o = share * softmax_out + (1 - share) * o
         o = o.transpose(1, 2).reshape(bsz, length, -1).to(hidden_states.dtype)              # (B, T, heads * d)
         return getattr(self, self.out_name)(o), None
 

@@ -39,7 +39,10 @@ class TinTAdaptation:
 
     def select(self, rows: torch.Tensor) -> TinTAdaptation:
         """The updates of the given rows (B',) in that order (repeats allowed), e.g. one per request of a batch whose
-        requests share the training parts adapted on; a shared update (R = 1) stays shared."""
+        requests share the training parts adapted on, or each row's group of a step; a shared update (R = 1) stays
+        shared, and all rows in order return this adaptation itself (no copy)."""
+        if rows.shape[0] == self.rows and torch.equal(rows, torch.arange(self.rows, device=rows.device)):
+            return self
         return TinTAdaptation([{slot: select_rows(p, rows) for slot, p in layer.items()} for layer in self.prefixes],
                               select_rows(self.final_prefix, rows), self.origin)
 
@@ -92,14 +95,6 @@ def distinct_rows(input_ids: torch.Tensor, masks: TargetMasks, span: int,
     return rows, group
 
 
-def per_row(prefix: Prefix, group: torch.Tensor) -> Prefix:
-    """Prefixes of the U groups (U, ...) -> of the B rows; shared ones (leading dim 1) and rows that are their own
-    groups in order (U = B) stay as they are."""
-    if rows_of(prefix) == group.shape[0]:
-        return prefix
-    return select_rows(prefix, group)
-
-
 def added_update(base: TinTAdaptation, new: TinTAdaptation, start: TinTAdaptation) -> TinTAdaptation:
     """``base + (new - start)``: the update of ``new`` (taken from the weights ``start``) added to ``base``. A
     per-row update of ``new`` kept as factors over ``start`` stays factored (over ``base``'s weights)."""
@@ -108,4 +103,4 @@ def added_update(base: TinTAdaptation, new: TinTAdaptation, start: TinTAdaptatio
                           add_update(base.final_prefix, new.final_prefix, start.final_prefix), new.origin)
 
 
-__all__ = ["TinTAdaptation", "added_update", "check_adaptation", "distinct_rows", "per_row"]
+__all__ = ["TinTAdaptation", "added_update", "check_adaptation", "distinct_rows"]

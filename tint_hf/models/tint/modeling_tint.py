@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adaptation import TinTAdaptation, added_update, check_adaptation, distinct_rows, per_row
+from .adaptation import TinTAdaptation, added_update, check_adaptation, distinct_rows
 from .auxiliary import auxiliary_spec, read_auxiliary, rotary_cos_sin
 from .blocks import StepContext, TinTBackwardBlock, TinTForwardBlock
 from .configuration_tint import TinTConfig
@@ -297,8 +297,7 @@ class TinTModel(TinTPreTrainedModel):
                 grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
             prefixes = [{slot: compact(p) for slot, p in layer.items()} for layer in prefixes]
             final_prefix = compact(final_prefix)
-        return TinTAdaptation([{slot: per_row(p, group) for slot, p in layer.items()} for layer in prefixes],
-                              per_row(final_prefix, group), adaptation.origin)
+        return TinTAdaptation(prefixes, final_prefix, adaptation.origin).select(group)
 
     def _output_pass(self, hidden, adaptation: TinTAdaptation, context, start: int) -> torch.Tensor:
         """Final-LN outputs of positions ``start:``; when earlier segments are not needed, only those positions run."""
