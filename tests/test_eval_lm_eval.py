@@ -125,12 +125,12 @@ def test_the_tint_hf_lm_eval_model_equals_our_modes_per_example(tmp_path, data, 
             assert calls == [2] * (len(examples) // 2) + [1] * (len(examples) % 2)
             # a memory budget that fits one row's step (a stated per-row need of 1 GiB, 1.5 GiB given): one per call
             calls.clear()
-            tint.model.step_bytes_per_row = lambda tokens: 2**30
+            tint.step_bytes_per_row = lambda tokens: 2**30
             bounded = AdaptiveLM(tint, mode=mode, inner_lr=LR, tokenizer=gpt2_tokenizer, batch_size=4,
                                  tint_memory_gib=1.5)
             torch.testing.assert_close(lm_eval_scores(bounded, tmp_path, shots)[0], theirs, rtol=0, atol=1e-4)
             assert calls == [1] * len(examples)
-            del tint.model.step_bytes_per_row
+            del tint.step_bytes_per_row
 
 
 def test_train_on_demonstrations_trains_on_the_few_shot_examples_only(tmp_path, data, gpt2_tokenizer):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import GenerationMixin
 
+from .sequence_masks import default_train_mask
+
 GENERATION_ARGUMENTS = ("train_mask", "loss_mask", "segment_ids", "position_ids", "inner_lr", "logits_to_keep",
                         "adaptation")
 
@@ -16,12 +18,13 @@ class TinTGenerationMixin(GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """``GenerationMixin.generate`` with TinT's arguments (``train_mask``, ``loss_mask``, ``segment_ids``,
         ``inner_lr``, ``position_ids``) passed to every step; masks grow with the generated tokens, which are never
-        training tokens. Without ``train_mask`` the training part is :meth:`TinTModel.default_train_mask` of the
+        training tokens. Without ``train_mask`` the training part is :func:`.sequence_masks.default_train_mask` of the
         *prompt*, fixed for the whole generation (with ``adaptation=``: none, the step is already taken). Every step
         re-runs the simulation on the sequence so far."""
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if kwargs.get("train_mask") is None and kwargs.get("adaptation") is None and prompt is not None:
-            kwargs["train_mask"] = self.model.default_train_mask(prompt, kwargs.get("attention_mask"))
+            kwargs["train_mask"] = default_train_mask(prompt, kwargs.get("attention_mask"),
+                                                      self.config.default_train_fraction)
         return super().generate(inputs, generation_config, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -33,6 +33,7 @@ from .configuration_tint import TinTConfig
 from .construction import load_auxiliary_into
 from .dense_count import authors_dense_parameter_count
 from .generation import TinTGenerationMixin
+from .memory import TinTMemoryEstimates
 from .outputs import TinTCausalLMOutput, TinTModelOutput, as_requested, refuse_outputs
 from .prefix_updates import compact
 from .sequence_masks import (
@@ -40,15 +41,16 @@ from .sequence_masks import (
     build_target_masks,
     causal_allowed,
     check_call_inputs,
-    default_position_ids,
+    default_train_mask,
     eval_loss,
     gradient_span,
+    step_sizes,
     window_start,
 )
 from .simulated_modules import TinTLossGradient, TinTNorm
 
 
-class TinTPreTrainedModel(PreTrainedModel):
+class TinTPreTrainedModel(TinTMemoryEstimates, PreTrainedModel):
     config: TinTConfig
     config_class = TinTConfig
     base_model_prefix = "model"
@@ -153,7 +155,7 @@ class TinTModel(TinTPreTrainedModel):
             train_mask = check_adaptation(input_ids, adaptation, train_mask, loss_mask, inner_lr, self.origin())
         masks = self.target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
         start = window_start(masks, logits_to_keep)
-        lr = self.step_sizes(inner_lr, input_ids.shape[0])  # (B, 1)
+        lr = self._step_sizes(inner_lr, input_ids.shape[0])  # (B, 1)
         continued, context = self._lower_layers(input_ids, masks, lr)
         hidden_before = None
         if return_hidden_before:
@@ -205,37 +207,13 @@ class TinTModel(TinTPreTrainedModel):
         if gradient_span(masks) <= 1:
             warnings.warn("adapt() found no training target (train_mask / loss_mask leave no next-token target): "
                           "the adaptation is the model's own weights.", stacklevel=2)
-        lr = self.step_sizes(inner_lr, input_ids.shape[0])
+        lr = self._step_sizes(inner_lr, input_ids.shape[0])
         continued, context = self._lower_layers(input_ids, masks, lr)
         start = self.initial_adaptation(continued)
         step = self._step(input_ids, masks, lr, continued, context, start)
         if add_to is None:
             return step
         return added_update(add_to, step, start)
-
-    def update_bytes_per_row(self, tokens: int | None = None) -> int:
-        """Bytes one row's own update takes when it trains on ``tokens`` positions: per updated slot its factors
-        or its dense copy, whichever is smaller (as the step keeps them, :func:`compact`); ``None``: the dense
-        copies (the most a row can take). What a batch whose rows train on their own tokens adds per row, before
-        temporaries."""
-        L, n, d = self.spec.num_layers, self.config.n_simulation_layers, self.spec.hidden_size
-        factors = self.backward_block.factor_numel(tokens or 0)
-        final = self.final_norm_prefix.numel()
-        count = final if tokens is None else min(final, 2 * d)
-        for layer in self.layers[L - n:]:
-            for slot in factors:
-                dense = layer.prefixes[slot].numel()
-                count += dense if tokens is None else min(dense, factors[slot])
-        return count * self.final_norm_prefix.element_size()
-
-    def step_bytes_per_row(self, tokens: int) -> int:
-        """Bytes one row that trains on its own ``tokens`` positions adds to a call, estimated from the shapes (an
-        upper bound in practice): its update twice (the step's, and its sum with an earlier update), the activations
-        the simulated backward keeps (each simulated layer's block memory) and the loss gradient's softmax over the
-        vocabulary (logits and probabilities at every position)."""
-        L, n = self.spec.num_layers, self.config.n_simulation_layers
-        activations = sum(layer.memory_numel(tokens) for layer in self.layers[L - n:]) + 2 * tokens * self.spec.vocab_size
-        return 2 * self.update_bytes_per_row(tokens) + activations * self.final_norm_prefix.element_size()
 
     def origin(self) -> tuple:
         """What an adaptation made by this model depends on: the model object, its dtype and device, the simulated
@@ -316,34 +294,19 @@ class TinTModel(TinTPreTrainedModel):
         y, x_hat = self.final_norm(hidden, adaptation.final_prefix)
         return y, memories, x_hat, hidden
 
-    def default_train_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) bool: the first ``floor(config.default_train_fraction * n)`` of each row's n real tokens."""
-        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        counts = real.sum(-1, keepdim=True)
-        index = default_position_ids(real)
-        return real.bool() & (index < (counts * self.config.default_train_fraction).floor().long())
-
-    def step_sizes(self, inner_lr: float | torch.Tensor | None, batch: int) -> torch.Tensor:
-        """The inner learning rate of every row, (B, 1) float64: ``config.inner_lr``, one number, or one per row."""
+    def _step_sizes(self, inner_lr: float | torch.Tensor | None, batch: int) -> torch.Tensor:
+        """(B, 1) float64: ``inner_lr`` (one number or one per row), or ``config.inner_lr``."""
         lr = self.config.inner_lr if inner_lr is None else inner_lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
-            raise TypeError(f"inner_lr must be a number or a (batch,) tensor of numbers, got {type(lr).__name__}.")
-        lr = torch.as_tensor(lr, dtype=torch.float64, device=self.embed_tokens.weight.device)
-        if lr.dim() > 1 or (lr.dim() == 1 and lr.shape[0] != batch):
-            raise ValueError(f"inner_lr must be a number or have one value per row, shape ({batch},); got shape "
-                             f"{tuple(lr.shape)}.")
-        if not torch.isfinite(lr).all():
-            raise ValueError(f"inner_lr must be finite, got {lr.tolist()}.")
-        return lr.expand(batch).reshape(batch, 1).contiguous()
+        return step_sizes(lr, batch, self.embed_tokens.weight.device)
 
     def target_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      train_mask: torch.Tensor | None, loss_mask: torch.Tensor | None,
                      position_ids: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> TargetMasks:
-        """Validated masks of the call; without ``train_mask``, :meth:`default_train_mask`."""
+        """Validated masks of the call; without ``train_mask``, :func:`.sequence_masks.default_train_mask`."""
         check_call_inputs(input_ids, attention_mask, position_ids, segment_ids, self.spec.vocab_size,
                           self.spec.max_positions)
         if train_mask is None:
-            train_mask = self.default_train_mask(input_ids, attention_mask)
+            train_mask = default_train_mask(input_ids, attention_mask, self.config.default_train_fraction)
         return build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids, segment_ids)
 
 
@@ -423,14 +386,6 @@ class TinTForCausalLM(TinTGenerationMixin, TinTPreTrainedModel):
                 loss_before = eval_loss(logits_before, labels, out.eval_targets)
         output = TinTCausalLMOutput(loss=loss, logits=logits, logits_before=logits_before, loss_before=loss_before)
         return as_requested(self, output, return_dict)
-
-    def update_bytes_per_row(self, tokens: int | None = None) -> int:
-        """See :meth:`TinTModel.update_bytes_per_row`."""
-        return self.model.update_bytes_per_row(tokens)
-
-    def step_bytes_per_row(self, tokens: int) -> int:
-        """See :meth:`TinTModel.step_bytes_per_row`."""
-        return self.model.step_bytes_per_row(tokens)
 
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,

@@ -99,6 +99,27 @@ def build_target_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor | N
                        attention_mask=attention, position_ids=position_ids, segment_ids=segment_ids)
 
 
+def default_train_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, fraction: float) -> torch.Tensor:
+    """(B, T) bool: the first ``floor(fraction * n)`` of each row's n real tokens (TinT's training part when a call
+    gives none: ``config.default_train_fraction``)."""
+    real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    counts = real.sum(-1, keepdim=True)
+    return real.bool() & (default_position_ids(real) < (counts * fraction).floor().long())
+
+
+def step_sizes(inner_lr: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """The inner learning rate of every row, (B, 1) float64, from one number or one per row (B,)."""
+    if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float, torch.Tensor)):
+        raise TypeError(f"inner_lr must be a number or a (batch,) tensor of numbers, got {type(inner_lr).__name__}.")
+    lr = torch.as_tensor(inner_lr, dtype=torch.float64, device=device)
+    if lr.dim() > 1 or (lr.dim() == 1 and lr.shape[0] != batch):
+        raise ValueError(f"inner_lr must be a number or have one value per row, shape ({batch},); got shape "
+                         f"{tuple(lr.shape)}.")
+    if not torch.isfinite(lr).all():
+        raise ValueError(f"inner_lr must be finite, got {lr.tolist()}.")
+    return lr.expand(batch).reshape(batch, 1).contiguous()
+
+
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """-log p(x_{t+1} | x_{<=t}) for every position: logits (B, T, V), input_ids (B, T) -> (B, T-1)."""
     logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
