@@ -13,7 +13,7 @@ from conftest import run_without_tint_hf, tiny_llama, tiny_opt
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from tint_hf import MesaLlamaForCausalLM, MesaOPTForCausalLM
+from tint_hf import MesaLlamaForCausalLM, MesaOPTForCausalLM, TinTForCausalLM
 
 SAVED_BEFORE = Path(__file__).parent / "fixtures" / "checkpoints"
 
@@ -136,16 +136,18 @@ def test_unknown_construction_arguments_are_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mesa_opt_v0", "mesa_llama_v0"])
+@pytest.mark.parametrize("name", ["mesa_opt_v0", "mesa_llama_v0", "tint_opt_v0"])
 def test_a_checkpoint_saved_by_an_earlier_version_still_loads(name, tmp_path):
-    """tests/fixtures/checkpoints/*_v0 were saved at 7fa31e3, before the mesa files moved into one folder (from_opt /
-    from_llama of conftest's tiny models, float32, mesa parameters moved off their initialisation). Today's classes
-    load them whole and give the logits that the code saved inside each checkpoint gives, run with
-    ``trust_remote_code`` in a process without tint_hf."""
+    """tests/fixtures/checkpoints/mesa_*_v0 were saved at 7fa31e3, before the mesa files moved into one folder
+    (from_opt / from_llama of conftest's tiny models, float32, mesa parameters moved off their initialisation);
+    tint_opt_v0 at 7e1915b, before TinT's config fields took HF's ``num_*`` names (``from_auxiliary`` of conftest's
+    tiny OPT, float32, num_prefixes 8, 1 simulated layer, 2 steps, inner_lr 1e-2; its forward trains on the first
+    half of each row). Today's classes load them whole and give the logits that the code saved inside each
+    checkpoint gives, run with ``trust_remote_code`` in a process without tint_hf."""
     folder = SAVED_BEFORE / name
     ids = torch.arange(3, 27).view(2, 12) % 64
     model = AutoModelForCausalLM.from_pretrained(folder)
-    assert type(model) in (MesaOPTForCausalLM, MesaLlamaForCausalLM)
+    assert type(model) in (MesaOPTForCausalLM, MesaLlamaForCausalLM, TinTForCausalLM)
     with torch.no_grad():
         logits = model(ids).logits
     their = run_without_tint_hf(f"""
