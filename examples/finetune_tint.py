@@ -179,7 +179,7 @@ def load_tint(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
     overrides = {name: value for name, value in (("backward", args.backward), ("inner_lr", args.inner_lr))
                  if value is not None}
     construction = dict(num_prefixes=16 if args.num_prefixes is None else args.num_prefixes,
-                        n_simulation_layers=args.n_simulation_layers,
+                        num_simulation_layers=args.num_simulation_layers,
                         **{"inner_lr": 1e-2, **overrides})
     if args.model is None:
         from tint_hf.assets import tiny_demo_model
@@ -192,7 +192,7 @@ def load_tint(args: argparse.Namespace) -> tuple[PreTrainedModel, object]:
         tokenizer.pad_token = tokenizer.eos_token
     if AutoConfig.from_pretrained(args.model).model_type == tint_hf.TinTConfig.model_type:
         fixed = [f"--{name}" for name, value in (("num-prefixes", args.num_prefixes),
-                                                ("n-simulation-layers", args.n_simulation_layers)) if value is not None]
+                                                ("num-simulation-layers", args.num_simulation_layers)) if value is not None]
         if fixed:
             raise SystemExit(f"{' and '.join(fixed)}: {args.model} is a built TinT, whose construction fixes them; "
                              "drop them, or pass the auxiliary model as --model to build TinT with them.")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     tint.add_argument("--inner-lr", type=float, default=None,
                       help="Simulated SGD learning rate (summed loss; default 1e-2 when building, the checkpoint's "
                            "otherwise).")
-    tint.add_argument("--n-simulation-layers", type=int, default=None)
+    tint.add_argument("--num-simulation-layers", type=int, default=None)
     tint.add_argument("--backward", choices=["fd", "exact"], default=None,
                       help="LayerNorm/activation backward (default: fd for a construction, the checkpoint's setting otherwise).")
     add_training_arguments(parser)

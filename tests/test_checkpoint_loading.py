@@ -108,7 +108,7 @@ def test_unknown_conversion_arguments_are_refused(family):
         convert(base, mesa_layer=[1])
 
 
-@pytest.mark.parametrize("edit", ["n_simulation_layers", "aux activation"])
+@pytest.mark.parametrize("edit", ["num_simulation_layers", "aux activation"])
 def test_an_edited_tint_config_is_refused(edit, tmp_path):
     """TinT's weights are its construction: a config edited to simulate other layers or another auxiliary
     activation keeps every weight name and shape, and is refused all the same."""
@@ -118,12 +118,12 @@ def test_an_edited_tint_config_is_refused(edit, tmp_path):
     tint.save_pretrained(tmp_path / "tint")
     assert type(TinTForCausalLM.from_pretrained(tmp_path / "tint")) is TinTForCausalLM
     config = json.loads((tmp_path / "tint" / "config.json").read_text())
-    if edit == "n_simulation_layers":
-        config["n_simulation_layers"] = 1
+    if edit == "num_simulation_layers":
+        config["num_simulation_layers"] = 1
     else:
         config["aux_config"]["activation_function"] = "gelu"
     (tmp_path / "tint" / "config.json").write_text(json.dumps(config))
-    name = "n_simulation_layers" if edit == "n_simulation_layers" else "aux_config"
+    name = "num_simulation_layers" if edit == "num_simulation_layers" else "aux_config"
     with pytest.raises(ValueError, match=rf"constructed for other values of \['{name}'\].*from_auxiliary"):
         TinTForCausalLM.from_pretrained(tmp_path / "tint")
 
@@ -148,6 +148,9 @@ def test_a_checkpoint_saved_by_an_earlier_version_still_loads(name, tmp_path):
     ids = torch.arange(3, 27).view(2, 12) % 64
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert type(model) in (MesaOPTForCausalLM, MesaLlamaForCausalLM, TinTForCausalLM)
+    if name == "tint_opt_v0":  # its config.json has the earlier names n_simulation_layers, n_steps
+        assert "n_steps" in json.loads((folder / "config.json").read_text())
+        assert (model.config.num_simulation_layers, model.config.num_steps) == (1, 2)
     with torch.no_grad():
         logits = model(ids).logits
     their = run_without_tint_hf(f"""

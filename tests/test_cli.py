@@ -49,7 +49,7 @@ BAD_NUMBERS = [
     (["eval", "--lrs=-1e-4"], "--lrs", ">= 0"), (["eval", "--lrs", "nan"], "--lrs", "finite"),
     (["eval", "--label-lrs=-1"], "--label-lrs", ">= 0"), (["eval", "--shots=-1"], "--shots", ">= 0"),
     (["eval", "--seeds", "1,1"], "--seeds", "repeated"), (["eval", "--batch-size", "0"], "--batch-size", ">= 1"),
-    (["eval", "--n-steps", "0"], "--n-steps", ">= 1"), (["eval", "--layers", "2.5"], "--layers", "integer"),
+    (["eval", "--num-steps", "0"], "--num-steps", ">= 1"), (["eval", "--layers", "2.5"], "--layers", "integer"),
     (["ppl", "--block-size", "1"], "--block-size", ">= 2"), (["ppl", "--train-fraction", "1.5"], "--train-fraction",
                                                              "between 0 and 1"),
     (["build", "--inner-lr", "-1"], "--inner-lr", "> 0"), (["build", "--fd-scale", "0"], "--fd-scale", "> 0"),

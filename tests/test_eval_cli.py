@@ -90,7 +90,7 @@ def test_eval_errors_name_the_fix(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(common + ["--tasks", "MR", "--modes", "magic"])
     assert "--modes: 'magic': use a comma-separated subset of icl, dynamic, tint" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--layers 5: .* pass --n-steps"):
+    with pytest.raises(SystemExit, match="--layers 5: .* pass --num-steps"):
         main(common + ["--tasks", "MR", "--modes", "dynamic", "--layers", "5"])
     with pytest.raises(SystemExit, match="Pass --tasks"):
         main(common)
@@ -141,8 +141,8 @@ def test_ppl_grid_resumes_adds_cells_and_refuses_other_inputs(checkpoint, tmp_pa
 
 
 def test_layers_without_a_whole_number_of_paper_steps_are_refused(checkpoint):
-    """--layers L takes the paper's 12 / L steps; L = 5 gives none, so it needs an explicit --n-steps."""
-    with pytest.raises(SystemExit, match=r"--layers 5: the paper's budget of 12 layer-steps .*pass --n-steps"):
+    """--layers L takes the paper's 12 / L steps; L = 5 gives none, so it needs an explicit --num-steps."""
+    with pytest.raises(SystemExit, match=r"--layers 5: the paper's budget of 12 layer-steps .*pass --num-steps"):
         main(["ppl", "--model", str(checkpoint), "--modes", "dynamic", "--layers", "5", "--quiet"])
 
 
@@ -159,7 +159,7 @@ def test_grid_and_both_selection_rules(checkpoint, tmp_path):
     learning rate maximises the recorded test accuracies, and its row reports exactly that maximum."""
     out = tmp_path / "grid"
     assert main(["eval", "--model", str(checkpoint), "--tasks", "MR", "--data-dir", str(FIXTURES),
-                 "--modes", "dynamic,tint", "--layers", "1,2", "--n-steps", "1", "--loss", "context,label",
+                 "--modes", "dynamic,tint", "--layers", "1,2", "--num-steps", "1", "--loss", "context,label",
                  "--variant", "single,concatenated", "--lrs", "0,0.5", "--label-lrs", "0,2", "--select", "both",
                  "--shots", "2", "--seeds", "1", "--n-eval", "8", "--n-dev", "4", "--batch-size", "4", "--quiet",
                  "--num-prefixes", "8", "--no-plot", "--out", str(out)]) == 0
@@ -169,7 +169,7 @@ def test_grid_and_both_selection_rules(checkpoint, tmp_path):
                       for variant in ("single/", "single/label/", "", "label/")]
     for run in runs:
         config = run["mode_config"]
-        assert config["n_layers"] in (1, 2) and config["n_steps"] == 1
+        assert config["num_layers"] in (1, 2) and config["num_steps"] == 1
         assert sorted(map(float, run["selection_accuracy"])) == ([0.0, 2.0] if config["loss"] == "label"
                                                                   else [0.0, 0.5])
         if run["selection"] == "test":
@@ -215,6 +215,11 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(checkpoint, t
     assert computed(6) == [("tint", "k=0", "seed=1"), ("tint", "k=2", "seed=1")]
     assert len((out / "cells.jsonl").read_text().splitlines()) == 8
     complete = json.loads((out / "results.json").read_text())["runs"]
+    # a manifest written before a setting was renamed (n_steps, now num_steps) resumes as the same settings
+    manifest = json.loads((out / "run.json").read_text())
+    manifest["settings"]["n_steps"] = manifest["settings"].pop("num_steps")
+    (out / "run.json").write_text(json.dumps(manifest))
+    assert main(extended) == 0 and computed(8) == []
     with pytest.raises(RunStoreError, match=r"other settings \(lrs: \[0.0, 0.05\] -> \[0.0, 0.1\]\).*--overwrite"):
         main([a if a != "0,0.05" else "0,0.1" for a in args])
     assert json.loads((out / "results.json").read_text())["runs"] == complete  # untouched

@@ -84,11 +84,11 @@ def test_dynamic_with_zero_lr_equals_icl(model, gpt2_tokenizer):
 @pytest.mark.parametrize("train_on_query", [False, True], ids=["demos", "demos+query"])
 def test_dynamic_equals_exact_step_on_each_prompt(model, gpt2_tokenizer, label_loss, train_on_query):
     builder, contexts = prompts(gpt2_tokenizer, train_on_query=train_on_query)
-    scores = score(DynamicSGD(model, LR, n_steps=2, n_layers=1, label_loss=label_loss), builder, contexts)
+    scores = score(DynamicSGD(model, LR, num_steps=2, num_layers=1, label_loss=label_loss), builder, contexts)
     for n, ctx in enumerate(contexts):
         ids = torch.tensor([ctx.input_ids])
         loss_mask = torch.tensor([ctx.label_mask]) if label_loss else None
-        out = exact_step(model, ids, None, torch.tensor([ctx.train_mask]), loss_mask, lr=LR, n_steps=2, n_layers=1)
+        out = exact_step(model, ids, None, torch.tensor([ctx.train_mask]), loss_mask, lr=LR, num_steps=2, num_layers=1)
         for c, cand in enumerate(builder.candidates):
             expected = reference_log_prob(out.logits_after, len(ctx.input_ids) - 1, cand)
             assert scores[n, c].item() == pytest.approx(expected, abs=1e-10)
@@ -198,8 +198,8 @@ def test_metrics_against_hand_computed_values():
     assert metrics["predicted_counts"] == [2, 3]
 
 
-@pytest.mark.parametrize("n_steps", [1, 2])
-def test_single_ft_with_the_query_is_one_step_on_the_demonstrations_and_the_query(model, gpt2_tokenizer, n_steps):
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_single_ft_with_the_query_is_one_step_on_the_demonstrations_and_the_query(model, gpt2_tokenizer, num_steps):
     """The TinT authors' single-FT context loss also trains on the query. Dynamic evaluation's single-FT rows must
     equal true SGD on the demonstrations and the row's query as separate sequences of one summed loss (sgd_update,
     autograd), then the row with those weights: the demonstrations' step is taken once and each query's part added
@@ -212,18 +212,18 @@ def test_single_ft_with_the_query_is_one_step_on_the_demonstrations_and_the_quer
     demos = pad_rows([(c.input_ids, c.train_mask, c.label_mask) for c in builder.demonstration_rows(DEMOS)], 50256)
     queries = pad_rows([(c.input_ids, c.train_mask, c.label_mask)
                         for c in (builder.example_context([], q) for q in QUERIES)], 50256)
-    got = DynamicSGD(model, LR, n_steps=n_steps, demonstrations=demos).logits(queries)
+    got = DynamicSGD(model, LR, num_steps=num_steps, demonstrations=demos).logits(queries)
     for b in range(len(QUERIES)):
         n = int(queries.attention_mask[b].sum())
         row = Batch(*(t[b:b + 1, :n] for t in queries.tensors()))
         joint = stack_rows(demos, row)
-        params = sgd_update(model, joint.input_ids, joint.attention_mask, joint.train_mask, lr=LR, n_steps=n_steps,
+        params = sgd_update(model, joint.input_ids, joint.attention_mask, joint.train_mask, lr=LR, num_steps=num_steps,
                             per_sequence=False)
         expected = forward_with_params(model, params, row.input_ids)
         torch.testing.assert_close(got[b:b + 1, :n], expected, rtol=1e-9, atol=1e-9)
-    demos_only = DynamicSGD(model, LR, n_steps=n_steps, demonstrations=demos).demonstrations_step()
+    demos_only = DynamicSGD(model, LR, num_steps=num_steps, demonstrations=demos).demonstrations_step()
     assert (forward_with_params(model, demos_only, queries.input_ids[:1]) - got[:1]).abs().max() > 1e-6
-    if n_steps == 1:
+    if num_steps == 1:
         tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR)
         approx = Approximations(**tint.config.approximation_kwargs())
         via_tint = TinTForward(tint, LR, demonstrations=demos).logits(queries)
@@ -231,7 +231,7 @@ def test_single_ft_with_the_query_is_one_step_on_the_demonstrations_and_the_quer
         real = queries.attention_mask.bool()
         torch.testing.assert_close(via_tint[real], simulated[real], rtol=0, atol=1e-8)
     else:  # more steps: the demonstrations are packed in front of each row as segments, one TinT pass per row
-        tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR, n_steps=n_steps)
+        tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=8, inner_lr=LR, num_steps=num_steps)
         via_tint = TinTForward(tint, LR, demonstrations=demos).logits(queries)
         real_demos = demos.attention_mask.bool()
         demo_ids = demos.input_ids[real_demos][None]

@@ -46,7 +46,7 @@ def batch(seed: int = 0, B: int = 3, T: int = 14, train: int = 9, vocab: int = 6
     return ids, attn, train_mask
 
 
-def hand_sgd_logits(model, ids, attn, train_mask, names, lr, n_steps=1):
+def hand_sgd_logits(model, ids, attn, train_mask, names, lr, num_steps=1):
     """Per sequence: deep copy, SGD on the summed next-token loss of training targets, then logits."""
     out = []
     for b in range(ids.shape[0]):
@@ -60,7 +60,7 @@ def hand_sgd_logits(model, ids, attn, train_mask, names, lr, n_steps=1):
         real = attn[b].bool()
         row = ids[b][real][None]  # the sequence without its padding
         targets = train_mask[b][real][1:].bool()
-        for _ in range(n_steps):
+        for _ in range(num_steps):
             opt.zero_grad()
             logits = m(input_ids=row).logits[0, :-1]
             F.cross_entropy(logits[targets], row[0, 1:][targets], reduction="sum").backward()
@@ -71,12 +71,12 @@ def hand_sgd_logits(model, ids, attn, train_mask, names, lr, n_steps=1):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("n_layers", [None, 1])
-def test_exact_step_equals_torch_sgd_on_deep_copy(family, n_layers):
+@pytest.mark.parametrize("num_layers", [None, 1])
+def test_exact_step_equals_torch_sgd_on_deep_copy(family, num_layers):
     model = BUILDERS[family]()
     ids, attn, train = batch()
-    names = select_parameters(model, n_layers=n_layers)
-    result = exact_step(model, ids, attn, train, lr=LR, n_layers=n_layers)
+    names = select_parameters(model, num_layers=num_layers)
+    result = exact_step(model, ids, attn, train, lr=LR, num_layers=num_layers)
     for b, (expected, real) in enumerate(hand_sgd_logits(model, ids, attn, train, names, LR)):
         assert rel(result.logits_after[b][real], expected) < 1e-6
     change = (result.logits_after - result.logits_before).abs().max()
@@ -88,22 +88,22 @@ def test_two_steps_equal_two_sgd_steps(family):
     model = BUILDERS[family]()
     ids, attn, train = batch(seed=1, B=2)
     names = select_parameters(model)
-    result = exact_step(model, ids, attn, train, lr=LR, n_steps=2)
-    for b, (expected, real) in enumerate(hand_sgd_logits(model, ids, attn, train, names, LR, n_steps=2)):
+    result = exact_step(model, ids, attn, train, lr=LR, num_steps=2)
+    for b, (expected, real) in enumerate(hand_sgd_logits(model, ids, attn, train, names, LR, num_steps=2)):
         assert rel(result.logits_after[b][real], expected) < 1e-6
 
 
 def test_select_parameters_default_subset():
     model = tiny_opt(num_hidden_layers=3)
-    names = select_parameters(model, n_layers=2)
+    names = select_parameters(model, num_layers=2)
     assert not any(".layers.0." in n for n in names)
     assert any(".layers.1." in n for n in names) and any(".layers.2." in n for n in names)
     assert "model.decoder.final_layer_norm.bias" in names
     assert not any("embed" in n for n in names)
-    with_emb = select_parameters(model, n_layers=2, include_embeddings=True)
+    with_emb = select_parameters(model, num_layers=2, include_embeddings=True)
     assert {"model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"} <= set(with_emb)
-    with pytest.raises(ValueError, match="n_layers=4"):
-        select_parameters(model, n_layers=4)
+    with pytest.raises(ValueError, match="num_layers=4"):
+        select_parameters(model, num_layers=4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -142,8 +142,8 @@ def test_tint_step_without_approximations_equals_exact_step(family):
     everything = select_parameters(model, include_embeddings=True)
     exact_all = exact_step(model, ids, attn, train, lr=LR, params=everything)
     simulated = tint_step(model, ids, attn, train, lr=LR, approximations=Approximations.none())
-    exact_top = exact_step(model, ids, attn, train, lr=LR, n_layers=1)
-    simulated_top = tint_step(model, ids, attn, train, lr=LR, n_layers=1,
+    exact_top = exact_step(model, ids, attn, train, lr=LR, num_layers=1)
+    simulated_top = tint_step(model, ids, attn, train, lr=LR, num_layers=1,
                               approximations=Approximations.none().with_(freeze_embeddings=True))
     for b in range(ids.shape[0]):
         real = attn[b].bool()
@@ -285,8 +285,8 @@ def test_sgd_update_shared_and_forward_with_params():
     model = tiny_gpt2()
     ids, _, train = batch(seed=8, B=2)
     train[:] = 1  # every token trains: a shared step on both rows (single-FT style)
-    names = select_parameters(model, n_layers=1)
-    shared = sgd_update(model, ids, None, train, lr=LR, n_layers=1, per_sequence=False)
+    names = select_parameters(model, num_layers=1)
+    shared = sgd_update(model, ids, None, train, lr=LR, num_layers=1, per_sequence=False)
     copy_model = copy.deepcopy(model)
     params = dict(copy_model.named_parameters())
     optimizer = torch.optim.SGD([params[n] for n in names], lr=LR)
@@ -332,8 +332,8 @@ def test_bad_inputs_give_clear_errors():
         exact_step(model, ids, attn, train[:, :-1], lr=LR)
     with pytest.raises(KeyError, match="no parameters named"):
         exact_step(model, ids, attn, train, lr=LR, params=["not.a.parameter"])
-    with pytest.raises(ValueError, match="n_steps"):
-        tint_step(model, ids, attn, train, lr=LR, n_steps=0)
+    with pytest.raises(ValueError, match="num_steps"):
+        tint_step(model, ids, attn, train, lr=LR, num_steps=0)
     with pytest.raises(ValueError, match="backward"):
         Approximations(backward="taylor")
 

@@ -52,8 +52,8 @@ def build(family: str, **construction) -> tuple[torch.nn.Module, TinTForCausalLM
 
 def simulate(aux, tint: TinTForCausalLM, ids, attn, train, loss_mask=None):
     config = tint.config
-    return tint_step(aux, ids, attn, train, loss_mask, lr=config.inner_lr, n_steps=config.n_steps,
-                     n_layers=config.n_simulation_layers,
+    return tint_step(aux, ids, attn, train, loss_mask, lr=config.inner_lr, num_steps=config.num_steps,
+                     num_layers=config.num_simulation_layers,
                      approximations=Approximations(**config.approximation_kwargs()))
 
 
@@ -72,9 +72,9 @@ def test_first_pass_equals_hf_model(family):
 CASES = [
     dict(backward="exact"),
     dict(backward="fd"),
-    dict(backward="exact", n_simulation_layers=1),
-    dict(backward="exact", n_steps=2),
-    dict(backward="fd", n_steps=2, n_simulation_layers=1),
+    dict(backward="exact", num_simulation_layers=1),
+    dict(backward="exact", num_steps=2),
+    dict(backward="fd", num_steps=2, num_simulation_layers=1),
     dict(backward="exact", loss_gradient="quad"),
     dict(backward="exact", loss_gradient="uniform"),
     dict(backward="exact", ln_bias_only=False),
@@ -174,7 +174,7 @@ def test_segments_give_the_single_ft_step_in_one_pass(family):
     delta = {}
     for demo in demos:
         sim = tint_step(aux, demo, None, torch.ones_like(demo), lr=tint.config.inner_lr,
-                        n_layers=tint.config.n_simulation_layers, return_params=True,
+                        num_layers=tint.config.num_simulation_layers, return_params=True,
                         approximations=Approximations(**tint.config.approximation_kwargs()))
         assert rel(sim.logits_after, sim.logits_before) > 1e-4
         for name, value in sim.params.items():
@@ -324,7 +324,7 @@ def test_dense_equivalent_parameter_count(aux_config, expected):
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_save_and_load_with_auto_classes(tmp_path, family):
-    _, tint = build(family, backward="exact", n_steps=2)
+    _, tint = build(family, backward="exact", num_steps=2)
     ids, attn, train = batch(seed=7)
     expected = tint(ids, attn, train).logits
     tint.save_pretrained(tmp_path)
@@ -548,7 +548,7 @@ def test_partial_checkpoints_are_refused(tmp_path):
     config_file = tmp_path / "tint" / "config.json"
     config = json.loads(config_file.read_text())
     assert TinTForCausalLM.from_pretrained(tmp_path / "tint").config.num_hidden_layers == 2
-    config["n_simulation_layers"] = None  # re-derived from the (edited) depth
+    config["num_simulation_layers"] = None  # re-derived from the (edited) depth
     for layers, kind in ((3, "missing_keys"), (1, "unexpected_keys")):
         config["aux_config"]["num_hidden_layers"] = layers
         config_file.write_text(json.dumps(config))
@@ -605,7 +605,7 @@ def test_gradients_flow_through_adapt_as_through_the_one_pass(family):
 
 def test_an_adaptation_from_another_model_or_an_older_state_is_refused():
     _, tint = build("opt")
-    _, other = build("opt", n_simulation_layers=1)
+    _, other = build("opt", num_simulation_layers=1)
     ids = torch.randint(3, 64, (1, 6))
     adaptation = tint.adapt(ids)
     with pytest.raises(ValueError, match="made by another TinT model"):
@@ -694,9 +694,9 @@ def test_adding_each_querys_step_to_the_demonstrations_step_is_the_joint_step(fa
 
 
 def test_add_to_refuses_what_it_cannot_sum():
-    _, tint = build("opt", n_steps=2)
+    _, tint = build("opt", num_steps=2)
     ids = torch.randint(3, 64, (2, 6))
-    with pytest.raises(ValueError, match="n_steps == 1"):
+    with pytest.raises(ValueError, match="num_steps == 1"):
         tint.adapt(ids, add_to=tint.adapt(ids[:1]))
     _, one_step = build("opt")
     with pytest.raises(ValueError, match="add_to holds 2 updates for 3 rows"):

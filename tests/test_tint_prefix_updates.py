@@ -93,5 +93,5 @@ def test_the_memory_estimate_per_row_is_what_the_step_keeps():
         held = sum(p.factor_numel() if isinstance(p, FactoredPrefix) else p[0].numel()
                    for p in adaptation.slots() if isinstance(p, FactoredPrefix) or p.shape[0] == 3)
         estimate = tint.update_bytes_per_row(tokens) // 8
-        assert held <= estimate <= held + 4 * 32 * tint.config.n_simulation_layers + 64
+        assert held <= estimate <= held + 4 * 32 * tint.config.num_simulation_layers + 64
     assert tint.update_bytes_per_row(None) >= tint.update_bytes_per_row(12) > tint.update_bytes_per_row(4)

@@ -199,7 +199,7 @@ def test_mesa_example_trains_ia3_with_activation_checkpointing_and_the_adapter_r
 
 def test_the_tint_example_takes_a_checkpoints_runtime_settings_and_refuses_its_construction_ones(tmp_path,
                                                                                                 gpt2_tokenizer):
-    """Given a built TinT, --inner-lr / --backward apply to it, while --num-prefixes and --n-simulation-layers (fixed
+    """Given a built TinT, --inner-lr / --backward apply to it, while --num-prefixes and --num-simulation-layers (fixed
     by its construction) are refused instead of being silently ignored."""
     tint = tiny_tint()
     tint.save_pretrained(tmp_path / "tint")
@@ -209,7 +209,7 @@ def test_the_tint_example_takes_a_checkpoints_runtime_settings_and_refuses_its_c
     assert (model.config.inner_lr, model.config.backward) == (0.05, "exact")
     model, _ = finetune_tint.load_tint(cli_args(tmp_path / "out", "--model", str(tmp_path / "tint")))
     assert model.config.inner_lr == 0.1  # the checkpoint's own
-    for flag in ("--num-prefixes", "--n-simulation-layers"):
+    for flag in ("--num-prefixes", "--num-simulation-layers"):
         with pytest.raises(SystemExit, match=f"{flag}: .* is a built TinT"):
             finetune_tint.load_tint(cli_args(tmp_path / "out", "--model", str(tmp_path / "tint"), flag, "1"))
 

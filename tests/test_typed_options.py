@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama, tiny_opt
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
-from tint_hf import MesaLlamaConfig, MesaLlamaForCausalLM, MesaOPTConfig, TinTConfig
+from tint_hf import MesaLlamaConfig, MesaLlamaForCausalLM, MesaOPTConfig, TinTConfig, TinTForCausalLM
 from tint_hf.synthetic.tasks import LinearDynamicsTask, LinearRegressionTask, PlateauTask
 
 TYPE_ERRORS = (ValueError, StrictDataclassFieldValidationError)
@@ -40,8 +40,8 @@ def test_an_infinite_gate_window_cannot_reach_the_model():
         MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[1], forget_gate_windows=(16.0, float("inf")))
 
 
-@pytest.mark.parametrize("field, bad", [("n_steps", 1.5), ("ln_bias_only", "yes"), ("num_prefixes", 8.0),
-                                        ("n_simulation_layers", True), ("inner_lr", float("nan")),
+@pytest.mark.parametrize("field, bad", [("num_steps", 1.5), ("ln_bias_only", "yes"), ("num_prefixes", 8.0),
+                                        ("num_simulation_layers", True), ("inner_lr", float("nan")),
                                         ("backward", 1)])
 def test_tint_config_fields_are_typed(field, bad):
     kwargs = {"num_prefixes": 8, field: bad}
@@ -65,3 +65,13 @@ def test_valid_values_still_pass():
     TinTConfig(aux_config=tiny_opt().config.to_dict(), num_prefixes=8, inner_lr=1)
     assert torch.isfinite(MesaLlamaForCausalLM.from_llama(tiny_llama(), mesa_layers=[1])(
         torch.tensor([[3, 4, 5]])).logits).all()
+
+
+def test_tint_config_accepts_the_fields_earlier_names():
+    """n_simulation_layers / n_steps (the names before HF's num_* convention) set num_simulation_layers / num_steps,
+    in the config and in from_auxiliary, and are not saved twice."""
+    config = TinTConfig(aux_config=tiny_opt().config.to_dict(), num_prefixes=8, n_simulation_layers=1, n_steps=3)
+    assert (config.num_simulation_layers, config.num_steps) == (1, 3)
+    assert "n_steps" not in config.to_dict() and config.to_dict()["num_steps"] == 3
+    tint = TinTForCausalLM.from_auxiliary(tiny_opt(), num_prefixes=8, n_simulation_layers=1)
+    assert tint.config.num_simulation_layers == 1

@@ -396,8 +396,8 @@ def details(spec: CardSpec) -> list[tuple[str, str]]:
         rows += [
             ("prefix embeddings P / TinT width D / heads", f"{config.num_prefixes} / {config.hidden_size} / "
                                                           f"{config.num_attention_heads}"),
-            ("simulated layers / SGD steps", f"{config.n_simulation_layers} of {config.num_hidden_layers} / "
-                                             f"{config.n_steps}"),
+            ("simulated layers / SGD steps", f"{config.num_simulation_layers} of {config.num_hidden_layers} / "
+                                             f"{config.num_steps}"),
             ("inner learning rate (summed loss)", f"{config.inner_lr:g}"),
             ("LayerNorm / activation backward", f"`{config.backward}` (N = {config.fd_scale:g})"),
             ("the authors' dense construction would store", _dense_count(model)),

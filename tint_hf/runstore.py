@@ -27,6 +27,7 @@ import torch
 
 MANIFEST = "run.json"
 FORMAT = 1
+RENAMED_SETTINGS = {"n_steps": "num_steps"}  # manifests written before a setting was renamed read as today's name
 
 
 class RunStoreError(ValueError):
@@ -149,6 +150,7 @@ class RunStore:
                 and isinstance(manifest.get("settings"), dict) and isinstance(manifest.get("provenance"), dict)):
             raise RunStoreError(f"{self.manifest_path} is not a tint_hf run manifest (format {FORMAT}); "
                                 f"{self.fresh_start}.")
+        manifest["settings"] = {RENAMED_SETTINGS.get(k, k): v for k, v in manifest["settings"].items()}
         return manifest
 
     def _read_records(self) -> dict[str, dict]:

@@ -19,11 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prefixes", type=at_least(1), default=None,
                         help="P, number of prefix embeddings (default: the divisor of d nearest d / 3, e.g. 256 for "
                              "OPT-125M, 192 for SmolLM2-135M).")
-    parser.add_argument("--n-simulation-layers", type=at_least(1), default=None, help="Top layers updated (default: all).")
+    parser.add_argument("--num-simulation-layers", type=at_least(1), default=None, help="Top layers updated (default: all).")
     def default(name: str):
         return field_default(TinTConfig, name)
 
-    parser.add_argument("--n-steps", type=at_least(1), default=default("n_steps"), help="Simulated SGD steps.")
+    parser.add_argument("--num-steps", type=at_least(1), default=default("num_steps"), help="Simulated SGD steps.")
     parser.add_argument("--inner-lr", type=learning_rate, default=default("inner_lr"),
                         help="Inner learning rate on the summed loss.")
     parser.add_argument("--backward", choices=["fd", "exact"], default=default("backward"),
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = TinTForCausalLM.from_auxiliary(
         args.aux, dtype=DTYPES[args.dtype], progress=True, num_prefixes=args.num_prefixes,
-        n_simulation_layers=args.n_simulation_layers, n_steps=args.n_steps, inner_lr=args.inner_lr,
+        num_simulation_layers=args.num_simulation_layers, num_steps=args.num_steps, inner_lr=args.inner_lr,
         backward=args.backward, fd_scale=args.fd_scale, loss_gradient=args.loss_gradient,
         ln_bias_only=not args.update_ln_gain)
     built = time.perf_counter() - start

@@ -19,7 +19,7 @@ from .arguments import at_least, choices, comma_list, learning_rate_or_zero, pos
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 PAPER_TASKS = ("SST2", "MR", "CR", "MPQA", "Subj", "AGNews", "AmazonPolarity", "YelpPolarity")
 # Arguments a preset may set; their parser default is None and DEFAULTS fills what neither the user nor a preset gave.
-DEFAULTS = dict(modes=("icl",), lrs=(1e-4,), label_lrs=None, layers=None, n_steps=None, loss=("context",),
+DEFAULTS = dict(modes=("icl",), lrs=(1e-4,), label_lrs=None, layers=None, num_steps=None, loss=("context",),
                 variant=("concatenated",), train_on_query=(), tasks=None, shots=(0, 32), seeds=(1, 2, 3),
                 template=0, calibration="none", n_eval=200, n_dev=100, select="dev", legacy_sampler=False)
 PRESETS = {
@@ -55,14 +55,14 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def layer_grid(args: argparse.Namespace) -> list[tuple[int | None, int]]:
-    """(top layers updated, steps) per grid point: ``--layers`` with ``--n-steps``, or 12 / L steps as in the paper
+    """(top layers updated, steps) per grid point: ``--layers`` with ``--num-steps``, or 12 / L steps as in the paper
     (one step when all layers are updated; :func:`~tint_hf.evaluation.fewshot.steps_for_layers`)."""
     grid = []
     for layers in args.layers or (None,):
         try:
-            grid.append((layers, steps_for_layers(layers, args.n_steps)))
+            grid.append((layers, steps_for_layers(layers, args.num_steps)))
         except ValueError as error:
-            raise SystemExit(f"--layers {layers}: {error}; pass --n-steps.") from None
+            raise SystemExit(f"--layers {layers}: {error}; pass --num-steps.") from None
     return grid
 
 
@@ -93,7 +93,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     adapt.add_argument("--layers", type=comma_list(at_least(1), unique=True), default=None,
                        help="Update the top L decoder layers, one grid point per value, e.g. 3,6,12 (default: all; "
                             "eval's --preset may set it).")
-    adapt.add_argument("--n-steps", type=at_least(1), default=None,
+    adapt.add_argument("--num-steps", type=at_least(1), default=None,
                        help="SGD steps (default: 12 / L for --layers L, as in the paper; 1 for all layers).")
     adapt.add_argument("--tint-approximations", action="store_true",
                        help="dynamic mode: TinT's approximate step (tint_step) instead of true SGD.")
@@ -137,7 +137,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
 
 def load_tint(args: argparse.Namespace, model: nn.Module) -> TintSource | None:
     """What the tint mode runs (None if it is not requested): the ``--tint-model`` checkpoint, or a builder
-    ``(n_layers, n_steps) -> TinTForCausalLM`` that constructs TinT from ``model`` for each grid point."""
+    ``(num_layers, num_steps) -> TinTForCausalLM`` that constructs TinT from ``model`` for each grid point."""
     from ..models.tint import TinTForCausalLM
 
     if "tint" not in args.modes:
@@ -153,9 +153,9 @@ def load_tint(args: argparse.Namespace, model: nn.Module) -> TintSource | None:
                              "--tint-model to build it here.")
         return tint
 
-    def build(n_layers: int | None, n_steps: int) -> nn.Module:
-        return TinTForCausalLM.from_auxiliary(model, num_prefixes=args.num_prefixes, n_simulation_layers=n_layers,
-                                              n_steps=n_steps, progress=not args.quiet)
+    def build(num_layers: int | None, num_steps: int) -> nn.Module:
+        return TinTForCausalLM.from_auxiliary(model, num_prefixes=args.num_prefixes, num_simulation_layers=num_layers,
+                                              num_steps=num_steps, progress=not args.quiet)
     return build
 
 

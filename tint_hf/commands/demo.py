@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-fraction", type=fraction, default=0.5,
                         help="Fraction of each block used for the inner step (default: 0.5).")
     parser.add_argument("--lr", type=learning_rate, default=1e-3, help="Inner learning rate on the summed loss.")
-    parser.add_argument("--n-layers", type=at_least(1), default=None, help="Update the top N layers (default: all).")
+    parser.add_argument("--layers", type=at_least(1), default=None, help="Update the top N layers (default: all).")
     parser.add_argument("--num-prefixes", type=at_least(1), default=16, help="TinT prefix embeddings (default: 16).")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -48,16 +48,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: {n_blocks} blocks x {args.seq_len} tokens of shipped CC0 text, train fraction {args.train_fraction}")
 
     start = time.perf_counter()
-    exact = exact_step(model, input_ids, None, train_mask, lr=args.lr, n_layers=args.n_layers)
+    exact = exact_step(model, input_ids, None, train_mask, lr=args.lr, num_layers=args.layers)
     t_exact = time.perf_counter() - start
     start = time.perf_counter()
-    approx = tint_step(model, input_ids, None, train_mask, lr=args.lr, n_layers=args.n_layers,
+    approx = tint_step(model, input_ids, None, train_mask, lr=args.lr, num_layers=args.layers,
                        approximations=Approximations())
     t_tint = time.perf_counter() - start
 
     start = time.perf_counter()
     tint = TinTForCausalLM.from_auxiliary(model, num_prefixes=args.num_prefixes, inner_lr=args.lr,
-                                          n_simulation_layers=args.n_layers)
+                                          num_simulation_layers=args.layers)
     t_build = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():

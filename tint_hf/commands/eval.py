@@ -40,7 +40,7 @@ RESULT_FILES = ("results.json", "predictions.jsonl", "summary.md", "accuracy.png
 # Arguments that only choose which cells run: each cell's key names its task, mode label (variant, loss, layers,
 # steps, approximations), shots and seed, so a later call in the same --out may choose other cells (add a task or a
 # mode, or fill in a column) while the cells already there stay valid. Everything else must match.
-CELL_SELECTION = ("tasks", "modes", "shots", "seeds", "layers", "n_steps", "loss", "variant", "tint_approximations",
+CELL_SELECTION = ("tasks", "modes", "shots", "seeds", "layers", "num_steps", "loss", "variant", "tint_approximations",
                   "train_on_query", "preset")
 
 
@@ -113,12 +113,12 @@ def mode_configs(args: argparse.Namespace) -> list[ModeConfig]:
         if mode == "icl":
             configs.append(ModeConfig("icl"))
             continue
-        for n_layers, n_steps in layer_grid(args):
+        for num_layers, num_steps in layer_grid(args):
             for variant in args.variant:
                 for loss in args.loss:
                     configs.append(ModeConfig(
                         mode, lrs=args.label_lrs if loss == "label" and args.label_lrs else args.lrs,
-                        n_steps=n_steps, n_layers=n_layers, loss=loss, variant=variant,
+                        num_steps=num_steps, num_layers=num_layers, loss=loss, variant=variant,
                         approximations=approx if mode == "dynamic" else None,
                         train_on_query=mode in args.train_on_query and loss == "context"))
     if "none" in args.train_on_query and len(args.train_on_query) > 1:

@@ -68,14 +68,14 @@ def run(args: argparse.Namespace) -> int:
     refuse_ignored(args, given)
     if len(args.layers or ()) > 1:
         raise SystemExit(f"--layers {','.join(map(str, args.layers))}: ppl takes one value (run it once per value).")
-    ((n_layers, n_steps),) = layer_grid(args)
+    ((num_layers, num_steps),) = layer_grid(args)
     if args.text_file is not None and not args.text_file.is_file():
         raise SystemExit(f"--text-file {args.text_file} does not exist.")
     model, tokenizer = load_model(args)
     text = args.text_file.read_text(encoding="utf-8") if args.text_file else sample_text()
     tint = load_tint(args, model)
     if callable(tint) and not isinstance(tint, torch.nn.Module):
-        tint = tint(n_layers, n_steps)
+        tint = tint(num_layers, num_steps)
     store = None
     if args.out is not None:
         store = open_store(args, "records.jsonl", ("results.json", "summary.md"), CELL_SELECTION)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                         if mode == "icl":
                             scorer = PlainLM(model)
                         elif mode == "dynamic":
-                            scorer = DynamicSGD(model, lr, n_steps, n_layers, approximations=approx)
+                            scorer = DynamicSGD(model, lr, num_steps, num_layers, approximations=approx)
                         else:
                             scorer = TinTForward(tint, lr, memory_budget=tint_memory_budget(args))
                         out = block_perplexity(scorer, blocks, train_fraction, batch_size=args.batch_size,

@@ -32,11 +32,11 @@ SELECTIONS = ("dev", "test", "both")
 LAYER_STEP_BUDGET = 12  # the paper: the top L layers get 12 / L SGD steps (L = 12, 6, 3)
 
 
-def steps_for_layers(layers: int | None, n_steps: int | None = None) -> int:
-    """SGD steps when the top ``layers`` layers are updated: ``n_steps`` if given, else the paper's 12 / L (one step
+def steps_for_layers(layers: int | None, num_steps: int | None = None) -> int:
+    """SGD steps when the top ``layers`` layers are updated: ``num_steps`` if given, else the paper's 12 / L (one step
     when every layer is updated, ``layers=None``). Raises ValueError when 12 / L is no whole number."""
-    if n_steps is not None:
-        return n_steps
+    if num_steps is not None:
+        return num_steps
     if layers is None:
         return 1
     if layers < 1 or LAYER_STEP_BUDGET % layers:
@@ -52,7 +52,7 @@ class ModeConfig:
     Args:
         mode: ``icl``, ``dynamic`` or ``tint``.
         lrs: learning-rate grid of the (summed-loss) step; several values -> chosen on the dev subset.
-        n_steps, n_layers: SGD steps and number of top decoder layers updated (dynamic; TinT fixes them at build).
+        num_steps, num_layers: SGD steps and number of top decoder layers updated (dynamic; TinT fixes them at build).
         loss: ``context`` (every training token) or ``label`` (the demonstrations' label words only).
         variant: ``concatenated`` (demos in one sequence, then ICL with demos in context) or ``single`` (each demo
             its own sequence, one shared step, then zero-shot prompts on the updated model; dynamic and tint; TinT
@@ -64,8 +64,8 @@ class ModeConfig:
 
     mode: str = "icl"
     lrs: tuple[float, ...] = (1e-4,)
-    n_steps: int = 1
-    n_layers: int | None = None
+    num_steps: int = 1
+    num_layers: int | None = None
     loss: str = "context"
     variant: str = "concatenated"
     approximations: Approximations | None = None
@@ -78,8 +78,8 @@ class ModeConfig:
                   (self.variant == "concatenated" or self.mode != "icl", "the single variant needs dynamic or tint"),
                   (self.mode != "icl" or not self.train_on_query, "icl takes no training part (train_on_query)"),
                   (len(self.lrs) > 0, "give at least one learning rate"),
-                  (self.n_steps >= 1, f"n_steps={self.n_steps}: use at least one step"),
-                  (self.n_layers is None or self.n_layers >= 1, f"n_layers={self.n_layers}: use None (all) or >= 1")]
+                  (self.num_steps >= 1, f"num_steps={self.num_steps}: use at least one step"),
+                  (self.num_layers is None or self.num_layers >= 1, f"num_layers={self.num_layers}: use None (all) or >= 1")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message + ".")
@@ -99,8 +99,8 @@ class ModeConfig:
         parts += ["label"] if self.loss == "label" else []
         parts += ["query"] if self.train_on_query else []
         parts += ["tint-approx"] if self.approximations is not None else []
-        if self.n_layers is not None or self.n_steps != 1:
-            parts.append(f"L{self.n_layers or 'all'}x{self.n_steps}")
+        if self.num_layers is not None or self.num_steps != 1:
+            parts.append(f"L{self.num_layers or 'all'}x{self.num_steps}")
         return "/".join(parts)
 
 
@@ -158,7 +158,7 @@ class FewShotEvaluator:
         tokenizer: its fast tokenizer.
         config: :class:`FewShotConfig`.
         tint_model: for the ``tint`` mode, a model whose forward takes ``train_mask`` simulating ``model``, or a
-            function ``(n_layers, n_steps) -> model`` that builds one per grid point (the last one is kept).
+            function ``(num_layers, num_steps) -> model`` that builds one per grid point (the last one is kept).
         store: a :class:`~tint_hf.runstore.RunStore` to resume from and write finished cells to (``None``: keep nothing).
     """
 
@@ -170,22 +170,22 @@ class FewShotEvaluator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def tint_model_for(self, mode: ModeConfig) -> nn.Module:
-        """The TinT model simulating ``mode.n_layers`` top layers for ``mode.n_steps`` steps."""
+        """The TinT model simulating ``mode.num_layers`` top layers for ``mode.num_steps`` steps."""
         source = self._tint_source
         if source is None:
             raise ValueError("The tint mode needs a TinT model (tint_model=...; `--tint-model` on the CLI).")
         if isinstance(source, nn.Module):
             config = source.config
-            layers = config.n_simulation_layers if mode.n_layers is None else mode.n_layers  # None: the model's own
-            if (layers, mode.n_steps) != (config.n_simulation_layers, config.n_steps):
-                raise ValueError(f"The TinT model simulates {config.n_simulation_layers} layers x {config.n_steps} "
-                                 f"steps, the grid asks for {layers} x {mode.n_steps}: pass a builder instead of a "
-                                 f"model (on the CLI: drop --tint-model, or match --layers and --n-steps to it).")
+            layers = config.num_simulation_layers if mode.num_layers is None else mode.num_layers  # None: the model's own
+            if (layers, mode.num_steps) != (config.num_simulation_layers, config.num_steps):
+                raise ValueError(f"The TinT model simulates {config.num_simulation_layers} layers x {config.num_steps} "
+                                 f"steps, the grid asks for {layers} x {mode.num_steps}: pass a builder instead of a "
+                                 f"model (on the CLI: drop --tint-model, or match --layers and --num-steps to it).")
             return source
-        key = (mode.n_layers, mode.n_steps)
+        key = (mode.num_layers, mode.num_steps)
         if self._tint_built is None or self._tint_built[0] != key:
             self._tint_built = None  # free the previous one before building the next
-            self._tint_built = (key, source(mode.n_layers, mode.n_steps))
+            self._tint_built = (key, source(mode.num_layers, mode.num_steps))
         return self._tint_built[1]
 
     def _mode(self, mode: ModeConfig, lr: float | None, builder: PromptBuilder,
@@ -205,7 +205,7 @@ class FewShotEvaluator:
         if mode.mode == "tint":
             return TinTForward(self.tint_model_for(mode), lr, label_loss, demonstrations=rows,
                                memory_budget=self.config.tint_memory_budget), context_demos
-        return DynamicSGD(self.model, lr, mode.n_steps, mode.n_layers, label_loss, mode.approximations,
+        return DynamicSGD(self.model, lr, mode.num_steps, mode.num_layers, label_loss, mode.approximations,
                           demonstrations=rows), context_demos
 
     def _reference_contexts(self, builder: PromptBuilder, demos: Sequence[Example]) -> list[Context]:

@@ -13,7 +13,7 @@ Importing this module (it needs ``lm_eval``; ``pip install tint_hf[lm-eval]``) r
   then the continuation with the updated weights) or ``tint`` (TinT's simulated step, :meth:`TinTForCausalLM.adapt`,
   then the continuation with the adapted weights).
 * ``inner_lr`` (step size on the summed loss, default 1e-4), ``layers`` (top L layers updated; default all),
-  ``n_steps`` (default 12 / L as in the paper, 1 for all layers), ``num_prefixes`` (when TinT is built here),
+  ``num_steps`` (default 12 / L as in the paper, 1 for all layers), ``num_prefixes`` (when TinT is built here),
   ``tint_memory_gib`` (memory for the steps TinT takes together, default half the free memory).
 * ``train_on``: ``context`` (every context token, the TinT authors' protocol: the query included) or
   ``demonstrations`` (only the few-shot examples: the context up to its last ``fewshot_delimiter``, default
@@ -49,7 +49,7 @@ class AdaptiveLM(TemplateLM):
     """An lm-eval model that adapts on each request's context (see the module docstring for the arguments)."""
 
     def __init__(self, pretrained: str | nn.Module, mode: str = "icl", inner_lr: float | None = None,
-                 layers: int | None = None, n_steps: int | None = None, train_on: str | None = None,
+                 layers: int | None = None, num_steps: int | None = None, train_on: str | None = None,
                  num_prefixes: int | None = None, tokenizer=None, dtype: str = "float32", batch_size: int | str = 8,
                  fewshot_delimiter: str = "\n\n", train_fraction: float = 0.5, window: int | None = None,
                  device: str = "cpu", max_batch_size: int | None = None, tint_memory_gib: float | None = None):
@@ -60,7 +60,7 @@ class AdaptiveLM(TemplateLM):
 
         _check(mode in MODES, "mode", mode, f"one of {MODES}")
         if mode == "icl":  # the model as is: the adaptation options would be ignored
-            for name, value in (("inner_lr", inner_lr), ("layers", layers), ("n_steps", n_steps),
+            for name, value in (("inner_lr", inner_lr), ("layers", layers), ("num_steps", num_steps),
                                 ("train_on", train_on), ("num_prefixes", num_prefixes)):
                 _check(value is None, name, value, "absent with mode=icl (it takes no step)")
         inner_lr = 1e-4 if inner_lr is None else inner_lr
@@ -69,7 +69,7 @@ class AdaptiveLM(TemplateLM):
         _check(isinstance(inner_lr, int | float) and math.isfinite(inner_lr) and inner_lr >= 0, "inner_lr", inner_lr,
                "a finite number >= 0")
         _check(layers is None or (isinstance(layers, int) and layers >= 1), "layers", layers, "an integer >= 1")
-        _check(n_steps is None or (isinstance(n_steps, int) and n_steps >= 1), "n_steps", n_steps, "an integer >= 1")
+        _check(num_steps is None or (isinstance(num_steps, int) and num_steps >= 1), "num_steps", num_steps, "an integer >= 1")
         if isinstance(batch_size, str) and batch_size.isdigit():  # lm-eval's --batch_size arrives as text
             batch_size = int(batch_size)
         _check(isinstance(batch_size, int) and batch_size >= 1, "batch_size", batch_size,
@@ -82,10 +82,10 @@ class AdaptiveLM(TemplateLM):
         _check(tint_memory_gib is None or (isinstance(tint_memory_gib, int | float) and tint_memory_gib > 0),
                "tint_memory_gib", tint_memory_gib, "a number > 0 (GiB)")
         try:
-            n_steps = steps_for_layers(layers, n_steps)
+            num_steps = steps_for_layers(layers, num_steps)
         except ValueError as error:
-            raise ValueError(f"tint-hf lm-eval model: layers={layers}: {error}; pass n_steps (--model_args "
-                             "n_steps=...).") from None
+            raise ValueError(f"tint-hf lm-eval model: layers={layers}: {error}; pass num_steps (--model_args "
+                             "num_steps=...).") from None
         _check(max_batch_size is None, "max_batch_size", max_batch_size,
                "absent: it bounds lm-eval's batch size search (batch_size=auto), which tint-hf does not do")
         _check(not str(device).startswith("cuda") or torch.cuda.is_available(), "device", device,
@@ -97,15 +97,15 @@ class AdaptiveLM(TemplateLM):
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or pretrained)
         self.tokenizer = tokenizer
-        self.mode, self.inner_lr, self.layers, self.n_steps, self.train_on = mode, inner_lr, layers, n_steps, train_on
+        self.mode, self.inner_lr, self.layers, self.num_steps, self.train_on = mode, inner_lr, layers, num_steps, train_on
         self.batch_size, self.fewshot_delimiter = batch_size, fewshot_delimiter
         self.train_fraction, self._device = train_fraction, torch.device(device)
         self.memory_budget = None if tint_memory_gib is None else int(tint_memory_gib * 2**30)
         self.steps_taken = 0  # training steps (one per distinct training part), for the record and the tests
         self._last = None  # (training tokens, weights) of the latest step: consecutive requests reuse it
         if mode == "tint" and not isinstance(model, TinTForCausalLM):
-            model = TinTForCausalLM.from_auxiliary(model, num_prefixes=num_prefixes, n_simulation_layers=layers,
-                                                   n_steps=n_steps).to(device)
+            model = TinTForCausalLM.from_auxiliary(model, num_prefixes=num_prefixes, num_simulation_layers=layers,
+                                                   num_steps=num_steps).to(device)
         elif mode == "tint":
             _check(num_prefixes is None and layers is None, "num_prefixes / layers", (num_prefixes, layers),
                    "absent for a TinT checkpoint (its construction fixes them)")
@@ -168,8 +168,8 @@ class AdaptiveLM(TemplateLM):
         self.steps_taken += 1
         train = torch.ones_like(tokens)
         if self.mode == "dynamic":
-            return sgd_update(self.model, tokens, None, train, None, lr=self.inner_lr, n_steps=self.n_steps,
-                              n_layers=self.layers, per_sequence=False)
+            return sgd_update(self.model, tokens, None, train, None, lr=self.inner_lr, num_steps=self.num_steps,
+                              num_layers=self.layers, per_sequence=False)
         with torch.no_grad():
             return self.model.adapt(tokens, train_mask=train, inner_lr=self.inner_lr)
 

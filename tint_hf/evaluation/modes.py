@@ -159,7 +159,7 @@ class DynamicSGD:
     Args:
         model: any HF causal LM (OPT / GPT-2 / Llama families with ``approximations``); never modified.
         lr: step size on the **summed** training loss.
-        n_steps: SGD steps; n_layers: update the top n decoder layers (+ final norm), None = all.
+        num_steps: SGD steps; num_layers: update the top n decoder layers (+ final norm), None = all.
         label_loss: train only on ``loss_mask`` targets (the demonstrations' label words).
         approximations: ``None`` for true SGD, else TinT's approximate step with these switches.
     """
@@ -167,13 +167,13 @@ class DynamicSGD:
     name = "dynamic"
     _ORIGINAL: dict[str, torch.Tensor] = {}  # rows without training targets: the model's own parameters (read-only)
 
-    def __init__(self, model: nn.Module, lr: float, n_steps: int = 1, n_layers: int | None = None,
+    def __init__(self, model: nn.Module, lr: float, num_steps: int = 1, num_layers: int | None = None,
                  label_loss: bool = False, approximations: Approximations | None = None,
                  demonstrations: Batch | None = None):
         """``demonstrations``: right-padded rows (one per demonstration, fully in the training part) for the single-FT
         variant: every scored row is predicted after one shared step on their summed loss plus, when the row has
         training tokens of its own (the query, with ``train_on_query``), that row's tokens in the same step."""
-        self.model, self.lr, self.n_steps, self.n_layers = model, lr, n_steps, n_layers
+        self.model, self.lr, self.num_steps, self.num_layers = model, lr, num_steps, num_layers
         self.label_loss, self.approximations = label_loss, approximations
         self.demonstrations = demonstrations
         self._cached: tuple[tuple, dict[str, torch.Tensor]] | None = None
@@ -192,7 +192,7 @@ class DynamicSGD:
                loss_mask: torch.Tensor | None, shared: bool = True) -> dict[str, torch.Tensor]:
         """Updated parameters after SGD on the training targets; ``shared``: one step on the sum over rows."""
         loss_mask = loss_mask if self.label_loss else None
-        kwargs = dict(lr=self.lr, n_steps=self.n_steps, n_layers=self.n_layers)
+        kwargs = dict(lr=self.lr, num_steps=self.num_steps, num_layers=self.num_layers)
         if self.approximations is None:
             return sgd_update(self.model, input_ids, attention_mask, train_mask, loss_mask, per_sequence=not shared,
                               **kwargs)
@@ -221,7 +221,7 @@ class DynamicSGD:
             row = Batch(*(t[b:b + 1, :n] for t in batch.tensors()))
             if self.demonstrations is None:
                 params = self.update(row.input_ids, None, row.train_mask, row.loss_mask)
-            elif self.n_steps == 1:  # one step sums per-sequence gradients at the same weights: add the row's part
+            elif self.num_steps == 1:  # one step sums per-sequence gradients at the same weights: add the row's part
                 original = dict(self.model.named_parameters())
                 own = self.update(row.input_ids, None, row.train_mask, row.loss_mask)
                 params = {name: value + own[name] - original[name].detach()
@@ -340,7 +340,7 @@ class TinTForward:
                                   train_mask=batch.train_mask, loss_mask=loss_mask, inner_lr=self.inner_lr).logits
             if not own_targets:  # single-FT: the rows only read the demonstrations' step
                 adaptation = self.adaptation()
-            elif self.model.config.n_steps == 1:  # ... plus each row's own step (the query), added to it: exact
+            elif self.model.config.num_steps == 1:  # ... plus each row's own step (the query), added to it: exact
                 adaptation = self.model.adapt(batch.input_ids, batch.attention_mask, batch.train_mask, loss_mask,
                                               inner_lr=self.inner_lr, add_to=self.adaptation())
             else:  # later steps depend on earlier ones: the demonstrations packed in front of every row, one pass

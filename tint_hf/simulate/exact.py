@@ -5,7 +5,7 @@ For every sequence b (independently, unless ``per_sequence=False``):
     theta_b   = theta - lr * grad_theta  sum_{t in train targets of b}  -log p_theta(x_{t+1} | x_{<=t})
     logits_b  = f(x_b; theta_b)
 
-repeated ``n_steps`` times, on the parameter subset ``params`` (default: the top ``n_layers`` decoder layers
+repeated ``num_steps`` times, on the parameter subset ``params`` (default: the top ``num_layers`` decoder layers
 and the final norm). The model passed in is never modified; it runs in eval mode (no dropout).
 """
 
@@ -35,22 +35,22 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                      f"num_hidden_layers={n} blocks). Pass the parameter names to update explicitly via `params=`.")
 
 
-def select_parameters(model: nn.Module, n_layers: int | None = None, include_embeddings: bool = False) -> list[str]:
+def select_parameters(model: nn.Module, num_layers: int | None = None, include_embeddings: bool = False) -> list[str]:
     """Names of the parameters one inner step updates.
 
-    Default: every parameter of the top ``n_layers`` decoder layers (all layers if None) plus the final norm.
+    Default: every parameter of the top ``num_layers`` decoder layers (all layers if None) plus the final norm.
     Embeddings (token and position) and the LM head are included only with ``include_embeddings=True``.
     """
     layers_name, layers = _decoder_layers(model)
     total = len(layers)
-    n_layers = total if n_layers is None else n_layers
-    if not 1 <= n_layers <= total:
-        raise ValueError(f"n_layers={n_layers} must be between 1 and the number of decoder layers ({total}).")
+    num_layers = total if num_layers is None else num_layers
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers={num_layers} must be between 1 and the number of decoder layers ({total}).")
     embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     output = model.get_output_embeddings()
     if output is not None:
         embedding_params |= {id(p) for p in output.parameters()}
-    selected = [f"{layers_name}.{i}.{n}" for i in range(total - n_layers, total) for n, _ in layers[i].named_parameters()]
+    selected = [f"{layers_name}.{i}.{n}" for i in range(total - num_layers, total) for n, _ in layers[i].named_parameters()]
     for name, p in model.named_parameters():  # de-duplicated: a tied LM head appears once
         if name.startswith(f"{layers_name}."):
             continue
@@ -117,8 +117,8 @@ def _call(model: nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Te
     return functional_call(model, params, args=(input_ids,), kwargs=kwargs, tie_weights=True).logits
 
 
-def _resolve_params(model: nn.Module, params: Sequence[str] | None, n_layers: int | None) -> list[str]:
-    names = list(params) if params is not None else select_parameters(model, n_layers)
+def _resolve_params(model: nn.Module, params: Sequence[str] | None, num_layers: int | None) -> list[str]:
+    names = list(params) if params is not None else select_parameters(model, num_layers)
     own = dict(model.named_parameters())
     missing = [n for n in names if n not in own]
     if missing:
@@ -128,15 +128,15 @@ def _resolve_params(model: nn.Module, params: Sequence[str] | None, n_layers: in
 
 
 def _descend(model: nn.Module, names: list[str], input_ids: torch.Tensor, masks: TargetMasks, lr: float,
-             n_steps: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``n_steps`` SGD steps on the summed training loss of all rows of ``input_ids`` (one shared update).
+             num_steps: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``num_steps`` SGD steps on the summed training loss of all rows of ``input_ids`` (one shared update).
 
     Returns the updated parameters and the logits before the first step.
     """
     own = dict(model.named_parameters())
     current = {n: own[n].detach() for n in names}
     first_logits = None
-    for _ in range(n_steps):
+    for _ in range(num_steps):
         leaves = {n: t.clone().requires_grad_(True) for n, t in current.items()}
         with torch.enable_grad():
             logits = _forward(model, leaves, input_ids, masks)
@@ -148,9 +148,9 @@ def _descend(model: nn.Module, names: list[str], input_ids: torch.Tensor, masks:
     return current, first_logits
 
 
-def _validate_step_args(lr: float, n_steps: int) -> None:
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be an int >= 1.")
+def _validate_step_args(lr: float, num_steps: int) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be an int >= 1.")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"lr must be a float, got {type(lr).__name__}.")
     if not math.isfinite(lr):
@@ -159,28 +159,28 @@ def _validate_step_args(lr: float, n_steps: int) -> None:
 
 def sgd_update(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None, *, lr: float, n_steps: int = 1, n_layers: int | None = None,
+               position_ids: torch.Tensor | None = None, *, lr: float, num_steps: int = 1, num_layers: int | None = None,
                params: Sequence[str] | None = None, per_sequence: bool = True) -> dict[str, torch.Tensor]:
-    """Parameters after ``n_steps`` SGD steps on the summed training-target loss.
+    """Parameters after ``num_steps`` SGD steps on the summed training-target loss.
 
     With ``per_sequence=True`` every row gets its own step and the tensors have a leading batch dimension B;
     with ``per_sequence=False`` one step is taken on the loss summed over all rows (e.g. one demonstration per row)
     and the tensors have the parameters' own shapes. Feed the result to :func:`forward_with_params`.
     """
-    _validate_step_args(lr, n_steps)
+    _validate_step_args(lr, num_steps)
     masks = build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
-    names = _resolve_params(model, params, n_layers)
+    names = _resolve_params(model, params, num_layers)
     with _eval_mode(model):
         if not per_sequence:
-            return _descend(model, names, input_ids, masks, lr, n_steps)[0]
-        rows = [_descend(model, names, input_ids[b:b + 1], masks.row(b), lr, n_steps)[0]
+            return _descend(model, names, input_ids, masks, lr, num_steps)[0]
+        rows = [_descend(model, names, input_ids[b:b + 1], masks.row(b), lr, num_steps)[0]
                 for b in range(input_ids.shape[0])]
     return {n: torch.stack([r[n] for r in rows]) for n in names}
 
 
 def exact_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None, *, lr: float, n_steps: int = 1, n_layers: int | None = None,
+               position_ids: torch.Tensor | None = None, *, lr: float, num_steps: int = 1, num_layers: int | None = None,
                params: Sequence[str] | None = None, return_params: bool = False) -> SimulationOutput:
     """True dynamic evaluation of any HF causal LM: per-sequence SGD on the training part, then predict.
 
@@ -188,19 +188,19 @@ def exact_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
         model: any ``*ForCausalLM``; never modified.
         input_ids, attention_mask, train_mask, loss_mask, position_ids: (B, T); see :mod:`tint_hf.simulate.masks`.
         lr: learning rate of the step on the **summed** loss.
-        n_steps: number of SGD steps (each recomputes the gradient with the updated weights).
-        n_layers: update the top ``n_layers`` decoder layers (+ final norm); None = all layers.
-        params: explicit parameter names to update (overrides ``n_layers``).
+        num_steps: number of SGD steps (each recomputes the gradient with the updated weights).
+        num_layers: update the top ``num_layers`` decoder layers (+ final norm); None = all layers.
+        params: explicit parameter names to update (overrides ``num_layers``).
         return_params: include the updated parameters (leading batch dim) in the output.
     """
-    _validate_step_args(lr, n_steps)
+    _validate_step_args(lr, num_steps)
     masks = build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
-    names = _resolve_params(model, params, n_layers)
+    names = _resolve_params(model, params, num_layers)
     updated, before, after = [], [], []
     with _eval_mode(model):
         for b in range(input_ids.shape[0]):
             row_ids, row_masks = input_ids[b:b + 1], masks.row(b)
-            new_params, logits_before = _descend(model, names, row_ids, row_masks, lr, n_steps)
+            new_params, logits_before = _descend(model, names, row_ids, row_masks, lr, num_steps)
             with torch.no_grad():
                 after.append(_forward(model, new_params, row_ids, row_masks))
             before.append(logits_before)

@@ -13,7 +13,7 @@ from .masks import TargetMasks
 
 @dataclass
 class SimulationOutput(ModelOutput):
-    """Result of one (or ``n_steps``) internal SGD step(s).
+    """Result of one (or ``num_steps``) internal SGD step(s).
 
     Args:
         loss_before / loss_after: token-weighted mean NLL over all evaluation targets of the batch (NaN if none).

@@ -19,7 +19,7 @@ applies TinT's approximations (``tint.md`` §3.2) as local rules on those module
   ``"uniform"`` (``mean_v U_v - U_target``), the gradient TinT injects at the final-norm output ``y``.
 * ``authors_fc2_bias_bug``: the authors' code gives the fc2 bias ``d_ff/d`` times the step (off by default).
 
-Only the top ``n_layers`` layers (and the final norm) are updated. Nothing here comes from
+Only the top ``num_layers`` layers (and the final norm) are updated. Nothing here comes from
 ``tint_hf.models.tint``: a bug in TinT's weight layout, rotary embedding or target convention shows up as a
 disagreement between TinT and this reference.
 """
@@ -241,19 +241,19 @@ def _tint_rules(model: nn.Module, family: Family, rules: _Rules, first_layer: in
 # --------------------------------------------------------------------------------------------------------------
 # Which parameters move, and how their gradients are shaped
 # --------------------------------------------------------------------------------------------------------------
-def _check_n_layers(model: nn.Module, family: Family, n_layers: int | None) -> int:
+def _check_num_layers(model: nn.Module, family: Family, num_layers: int | None) -> int:
     depth = len(model.get_submodule(family.layers))
-    n_layers = depth if n_layers is None else n_layers
-    if not 1 <= n_layers <= depth:
-        raise ValueError(f"n_layers={n_layers} must be between 1 and the auxiliary depth ({depth}).")
-    return depth - n_layers
+    num_layers = depth if num_layers is None else num_layers
+    if not 1 <= num_layers <= depth:
+        raise ValueError(f"num_layers={num_layers} must be between 1 and the auxiliary depth ({depth}).")
+    return depth - num_layers
 
 
-def trainable_names(model: nn.Module, approx: Approximations, n_layers: int | None = None) -> list[str]:
-    """HF names of the parameters TinT's step updates: the top ``n_layers`` layers (without Q/K when
+def trainable_names(model: nn.Module, approx: Approximations, num_layers: int | None = None) -> list[str]:
+    """HF names of the parameters TinT's step updates: the top ``num_layers`` layers (without Q/K when
     ``freeze_qk``, without norm gains when ``ln_bias_only``), the final norm, and the embeddings unless frozen."""
     family = family_of(model)
-    first = _check_n_layers(model, family, n_layers)
+    first = _check_num_layers(model, family, num_layers)
     layers = model.get_submodule(family.layers)
     frozen_modules = set(family.queries_keys) if approx.freeze_qk else set()
     names = []
@@ -319,19 +319,19 @@ def _row_key(input_ids: torch.Tensor, masks: TargetMasks, b: int, span: int) -> 
 
 def tint_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               train_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-              position_ids: torch.Tensor | None = None, *, lr: float, n_steps: int = 1, n_layers: int | None = None,
+              position_ids: torch.Tensor | None = None, *, lr: float, num_steps: int = 1, num_layers: int | None = None,
               approximations: Approximations | None = None, return_params: bool = False) -> SimulationOutput:
     """The approximate SGD step TinT simulates, per sequence, then the prediction with the updated weights.
 
     Same inputs and output as :func:`tint_hf.simulate.exact_step`; ``approximations`` selects TinT's departures
     from exact SGD (default: TinT's setting). Supports OPT (pre-LN), GPT-2 and Llama models.
     """
-    _validate_step_args(lr, n_steps)
+    _validate_step_args(lr, num_steps)
     approx = approximations or Approximations()
     family = family_of(model)
     masks = build_target_masks(input_ids, attention_mask, train_mask, loss_mask, position_ids)
-    first = _check_n_layers(model, family, n_layers)
-    names = trainable_names(model, approx, n_layers)
+    first = _check_num_layers(model, family, num_layers)
+    names = trainable_names(model, approx, num_layers)
     gradient_rules = _gradient_rules(model, family, approx, names)
     own = dict(model.named_parameters())
     head = model.get_output_embeddings().weight
@@ -347,7 +347,7 @@ def tint_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
             if key not in steps:
                 steps[key] = _descend_row(model, family, approx, names, gradient_rules, head_name, first,
                                           input_ids[b:b + 1, :span], masks.row(b).first(span), lr,
-                                          n_steps if span > 1 else 0)
+                                          num_steps if span > 1 else 0)
             updated.append(steps[key])
         stacked = {n: torch.stack([row[n] for row in updated]) for n in names}
         with torch.no_grad():
@@ -358,8 +358,8 @@ def tint_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 def _descend_row(model: nn.Module, family: Family, approx: Approximations, names: list[str],
                  gradient_rules: dict[str, Callable], head_name: str, first_layer: int, input_ids: torch.Tensor,
-                 masks: TargetMasks, lr: float, n_steps: int) -> dict[str, torch.Tensor]:
-    """``n_steps`` of TinT's step on one sequence (1, span): the updated parameters (their own shapes)."""
+                 masks: TargetMasks, lr: float, num_steps: int) -> dict[str, torch.Tensor]:
+    """``num_steps`` of TinT's step on one sequence (1, span): the updated parameters (their own shapes)."""
     own = {n: p.detach() for n, p in model.named_parameters()}
     current = {n: own[n] for n in names}
     holes = bool((masks.attention_mask & ~masks.train_tokens).any())
@@ -368,7 +368,7 @@ def _descend_row(model: nn.Module, family: Family, approx: Approximations, names
     final_outputs: list[torch.Tensor] = []  # the LM head's input: the final-norm output y
     capture = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: final_outputs.append(args[0]))
     try:
-        for _ in range(n_steps):
+        for _ in range(num_steps):
             leaves = {n: t.clone().requires_grad_(True) for n, t in current.items()}
             with torch.enable_grad(), _tint_rules(model, family, rules, first_layer):
                 logits = functional_call(model, {**own, **leaves}, args=(input_ids,), tie_weights=True, kwargs=dict(

@@ -123,16 +123,16 @@ class MesaConfigMixin:
 
     def _derive_layer_types(self) -> None:
         """Normalise ``mesa_layers`` (``"all"`` or indices, negative allowed) and set ``layer_types`` from it."""
-        n_layers = self.num_hidden_layers
+        num_layers = self.num_hidden_layers
         if isinstance(self.mesa_layers, str) and self.mesa_layers != "all":
             raise ValueError(f"mesa_layers must be 'all' or a list of layer indices, got {self.mesa_layers!r}.")
-        layers = range(n_layers) if self.mesa_layers == "all" else self.mesa_layers
-        outside = [i for i in layers if not -n_layers <= int(i) < n_layers]
+        layers = range(num_layers) if self.mesa_layers == "all" else self.mesa_layers
+        outside = [i for i in layers if not -num_layers <= int(i) < num_layers]
         if outside:
-            raise ValueError(f"mesa_layers {outside} are outside the {n_layers} decoder layers "
-                             f"(use indices in [{-n_layers}, {n_layers - 1}]).")
-        self.__dict__["mesa_layers"] = sorted({int(i) % n_layers for i in layers})
-        self.layer_types = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(n_layers)]
+            raise ValueError(f"mesa_layers {outside} are outside the {num_layers} decoder layers "
+                             f"(use indices in [{-num_layers}, {num_layers - 1}]).")
+        self.__dict__["mesa_layers"] = sorted({int(i) % num_layers for i in layers})
+        self.layer_types = ["mesa" if i in self.mesa_layers else "full_attention" for i in range(num_layers)]
 
     def validate_layer_type(self):
         """``layer_types`` is derived from ``mesa_layers``; ``"mesa"`` is the cache layer type of mesa layers."""

@@ -23,8 +23,8 @@ class TinTConfig(PreTrainedConfig):
 
     TinT simulates an auxiliary language model (``aux_config``, an OPT, GPT-2 or Llama config) whose weights live in
     ``num_prefixes`` prefix-token embeddings of width ``hidden_size``. One forward pass runs the auxiliary forward,
-    an approximate backward pass of the summed next-token loss over the training part, ``n_steps`` SGD steps of size
-    ``inner_lr`` on the top ``n_simulation_layers`` layers, and the forward pass that predicts the rest.
+    an approximate backward pass of the summed next-token loss over the training part, ``num_steps`` SGD steps of size
+    ``inner_lr`` on the top ``num_simulation_layers`` layers, and the forward pass that predicts the rest.
 
     Shape rules (the paper's construction; violations raise with the value to change):
 
@@ -41,8 +41,8 @@ class TinTConfig(PreTrainedConfig):
             closest to d / 3 (three weight rows per prefix, the paper's 256 for OPT-125M).
         hidden_size: D, TinT's width; ``None`` derives ``d * (d / P + 1)``.
         num_attention_heads: H, TinT's softmax-attention heads; ``None`` uses the auxiliary head count.
-        n_simulation_layers: number of top auxiliary layers updated by the inner step; ``None`` = all.
-        n_steps: number of simulated SGD steps.
+        num_simulation_layers: number of top auxiliary layers updated by the inner step; ``None`` = all.
+        num_steps: number of simulated SGD steps.
         inner_lr: learning rate of the simulated step on the summed loss (overridable per forward call).
         loss_gradient: gradient injected at the final LayerNorm: ``"ce"`` (exact cross-entropy), ``"quad"``
             (quadratic-loss surrogate) or ``"uniform"`` (uniform prediction).
@@ -57,14 +57,15 @@ class TinTConfig(PreTrainedConfig):
     """
 
     model_type = "tint"
+    attribute_map = {"n_simulation_layers": "num_simulation_layers", "n_steps": "num_steps"}  # earlier checkpoints' names
     sub_configs_defaults = {"aux_config": SubConfigSpec(AutoConfig, model_type="opt")}
 
     aux_config: dict | PreTrainedConfig | None = None
     num_prefixes: int | None = None
     hidden_size: int | None = None
     num_attention_heads: int | None = None
-    n_simulation_layers: int | None = None
-    n_steps: int = 1
+    num_simulation_layers: int | None = None
+    num_steps: int = 1
     inner_lr: float | int = 1e-6
     loss_gradient: str = "ce"
     backward: str = "fd"
@@ -106,12 +107,12 @@ class TinTConfig(PreTrainedConfig):
         if not spec.tied_embeddings:
             raise ValueError("TinT needs an auxiliary model whose LM head is tied to its token embedding "
                              "(tie_word_embeddings=True): the loss-gradient module reads the embedding matrix.")
-        if self.n_simulation_layers is None:
-            self.n_simulation_layers = spec.num_layers
-        if not 1 <= self.n_simulation_layers <= spec.num_layers:
-            raise ValueError(f"n_simulation_layers={self.n_simulation_layers} must be in [1, {spec.num_layers}].")
-        if self.n_steps < 1:
-            raise ValueError(f"n_steps={self.n_steps} must be >= 1.")
+        if self.num_simulation_layers is None:
+            self.num_simulation_layers = spec.num_layers
+        if not 1 <= self.num_simulation_layers <= spec.num_layers:
+            raise ValueError(f"num_simulation_layers={self.num_simulation_layers} must be in [1, {spec.num_layers}].")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps={self.num_steps} must be >= 1.")
         if self.loss_gradient not in LOSS_GRADIENTS:
             raise ValueError(f"loss_gradient={self.loss_gradient!r}; choose one of {LOSS_GRADIENTS}.")
         if self.backward not in BACKWARDS:

@@ -10,7 +10,7 @@ way"; :func:`authors_dense_parameter_count` gives it in closed form, without bui
 
 Notation (all integers):
 
-* auxiliary model: width ``d``, ``L = n_aux_layers`` layers, ``h = n_aux_heads`` heads, MLP width
+* auxiliary model: width ``d``, ``L = num_aux_layers`` layers, ``h = num_aux_heads`` heads, MLP width
   ``d_ff`` (split into ``m = d_ff / d`` chunks), vocabulary ``V``, ``T = max_positions``;
 * TinT: width ``D``, ``P`` prefix tokens, ``H`` softmax heads of dim ``h_s = D / H``;
 * ``H_l = D / P``: heads of the linear-attention modules (their head dim is ``P``);
@@ -65,7 +65,7 @@ Per block:
 
 Whole model: ``V·d`` (tied ``wte``/``lm_head``; ``+V·d`` if untied) + ``(T + offset)·d``
 (positions; OPT offset 2, GPT-2 0) + ``L`` first-pass forward blocks (with prefixes) + gradient
-module + ``n`` backward blocks (``n·n_steps`` without backward reuse) + ``n·n_steps`` extra
+module + ``n`` backward blocks (``n·num_steps`` without backward reuse) + ``n·num_steps`` extra
 forward blocks without prefixes (only without forward reuse).
 
 Measured reference values (``sum(p.numel() for p in model.parameters())`` of the authors' TinT
@@ -111,14 +111,14 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _validate(*, d: int, n_aux_layers: int, n_aux_heads: int, d_ff: int, D: int, P: int, H: int,
-              n_simulation_layers: int, n_steps: int) -> None:
+def _validate(*, d: int, num_aux_layers: int, num_aux_heads: int, d_ff: int, D: int, P: int, H: int,
+              num_simulation_layers: int, num_steps: int) -> None:
     """Reject shapes for which the authors' constructor would fail its asserts."""
-    for name, value in (("d", d), ("n_aux_layers", n_aux_layers), ("n_aux_heads", n_aux_heads), ("d_ff", d_ff),
-                        ("D", D), ("P", P), ("H", H), ("n_steps", n_steps)):
+    for name, value in (("d", d), ("num_aux_layers", num_aux_layers), ("num_aux_heads", num_aux_heads), ("d_ff", d_ff),
+                        ("D", D), ("P", P), ("H", H), ("num_steps", num_steps)):
         _check(value > 0, f"{name} must be positive, got {value}")
-    _check(1 <= n_simulation_layers <= n_aux_layers,
-           f"n_simulation_layers must lie in [1, n_aux_layers={n_aux_layers}], got {n_simulation_layers}")
+    _check(1 <= num_simulation_layers <= num_aux_layers,
+           f"num_simulation_layers must lie in [1, num_aux_layers={num_aux_layers}], got {num_simulation_layers}")
     _check(D % P == 0, f"D={D} must be a multiple of P={P}")
     _check(d % P == 0, f"d={d} must be a multiple of P={P}")
     rows = d // P  # weight rows stacked per prefix, and heads each row is sharded over
@@ -129,9 +129,9 @@ def _validate(*, d: int, n_aux_layers: int, n_aux_heads: int, d_ff: int, D: int,
     _check(D % H == 0, f"D={D} must be a multiple of H={H}")
     head_dim = D // H
     _check(d % head_dim == 0, f"d={d} must be a multiple of the TinT head dim D/H={head_dim}")
-    _check(n_aux_heads <= H, f"auxiliary heads h={n_aux_heads} exceed TinT heads H={H}")
-    _check(n_aux_heads % (d // head_dim) == 0,
-           f"auxiliary heads h={n_aux_heads} must be a multiple of d/(D/H)={d // head_dim}")
+    _check(num_aux_heads <= H, f"auxiliary heads h={num_aux_heads} exceed TinT heads H={H}")
+    _check(num_aux_heads % (d // head_dim) == 0,
+           f"auxiliary heads h={num_aux_heads} must be a multiple of d/(D/H)={d // head_dim}")
     _check(d_ff % d == 0, f"d_ff={d_ff} must be a multiple of d={d} (the MLP is simulated in d-wide chunks)")
 
 
@@ -139,16 +139,16 @@ def authors_dense_parameter_count(
     *,
     aux_family: str,
     d: int,
-    n_aux_layers: int,
-    n_aux_heads: int,
+    num_aux_layers: int,
+    num_aux_heads: int,
     d_ff: int,
     vocab_size: int,
     max_positions: int,
     D: int,
     P: int,
     H: int,
-    n_simulation_layers: int,
-    n_steps: int = 1,
+    num_simulation_layers: int,
+    num_steps: int = 1,
     reuse_forward_blocks: bool = True,
     reuse_backward_blocks: bool = True,
     position_offset: int | None = None,
@@ -159,8 +159,8 @@ def authors_dense_parameter_count(
     Args:
         aux_family: ``"opt"`` (``TinT_opt``) or ``"gpt2"`` (``TinT_gpt``).
         d: auxiliary hidden size.
-        n_aux_layers: auxiliary layers ``L``; every one gets a first-pass forward block.
-        n_aux_heads: auxiliary attention heads (only validated; it does not change the count).
+        num_aux_layers: auxiliary layers ``L``; every one gets a first-pass forward block.
+        num_aux_heads: auxiliary attention heads (only validated; it does not change the count).
         d_ff: auxiliary MLP width (must be a multiple of ``d``).
         vocab_size: auxiliary vocabulary size ``V`` (50272 for OPT-125M, 50257 for GPT-2).
         max_positions: auxiliary ``max_position_embeddings`` ``T`` (2048 for OPT, 1024 for GPT-2);
@@ -168,8 +168,8 @@ def authors_dense_parameter_count(
         D: TinT hidden size (``hidden_size``).
         P: number of prefix tokens (``num_prefixes``).
         H: TinT softmax-attention heads (``num_attention_heads``).
-        n_simulation_layers: number ``n`` of top auxiliary layers that are updated.
-        n_steps: simulated SGD steps (``n_forward_backward``).
+        num_simulation_layers: number ``n`` of top auxiliary layers that are updated.
+        num_steps: simulated SGD steps (``n_forward_backward``).
         reuse_forward_blocks: the second forward passes reuse the first-pass blocks.
         reuse_backward_blocks: steps after the first reuse the first step's backward blocks.
         position_offset: extra rows of the learned position table; ``None`` takes the family
@@ -189,8 +189,8 @@ def authors_dense_parameter_count(
         ValueError: for shapes the authors' constructor rejects, or an unknown family.
     """
     family = _family(aux_family)
-    _validate(d=d, n_aux_layers=n_aux_layers, n_aux_heads=n_aux_heads, d_ff=d_ff, D=D, P=P, H=H,
-              n_simulation_layers=n_simulation_layers, n_steps=n_steps)
+    _validate(d=d, num_aux_layers=num_aux_layers, num_aux_heads=num_aux_heads, d_ff=d_ff, D=D, P=P, H=H,
+              num_simulation_layers=num_simulation_layers, num_steps=num_steps)
     offset = _POSITION_OFFSETS[family] if position_offset is None else position_offset
     _check(offset >= 0, f"position_offset must be >= 0, got {offset}")
     _check(vocab_size > 0 and max_positions > 0, "vocab_size and max_positions must be positive")
@@ -242,14 +242,14 @@ def authors_dense_parameter_count(
 
     gradient_module = layernorm_forward + layernorm_back_descent + P * D
 
-    n = n_simulation_layers
-    n_backward_blocks = n if reuse_backward_blocks else n * n_steps
-    n_plain_forward_blocks = 0 if reuse_forward_blocks else n * n_steps
+    n = num_simulation_layers
+    n_backward_blocks = n if reuse_backward_blocks else n * num_steps
+    n_plain_forward_blocks = 0 if reuse_forward_blocks else n * num_steps
 
     embeddings = vocab_size * d * (1 if tie_word_embeddings else 2)
     positions = (max_positions + offset) * d
     forward_block = forward_prefixes + forward_construction
-    total = (embeddings + positions + n_aux_layers * forward_block + gradient_module
+    total = (embeddings + positions + num_aux_layers * forward_block + gradient_module
              + n_backward_blocks * backward_block + n_plain_forward_blocks * forward_construction)
 
     return {
@@ -261,7 +261,7 @@ def authors_dense_parameter_count(
         "forward_block_construction": forward_construction,
         "backward_block": backward_block,
         "gradient_module": gradient_module,
-        "n_forward_blocks_with_prefixes": n_aux_layers,
+        "n_forward_blocks_with_prefixes": num_aux_layers,
         "n_forward_blocks_without_prefixes": n_plain_forward_blocks,
         "n_backward_blocks": n_backward_blocks,
         "n_prefix_tensors_per_block": n_prefix_tensors,

@@ -12,7 +12,7 @@ class TinTMemoryEstimates:
         the dense copies (the most a row can take). What a batch whose rows train on their own tokens adds per row,
         before temporaries."""
         model = self.base_model
-        L, n, d = model.spec.num_layers, model.config.n_simulation_layers, model.spec.hidden_size
+        L, n, d = model.spec.num_layers, model.config.num_simulation_layers, model.spec.hidden_size
         factors = model.backward_block.factor_numel(tokens or 0)
         final = model.final_norm_prefix.numel()
         count = final if tokens is None else min(final, 2 * d)
@@ -28,7 +28,7 @@ class TinTMemoryEstimates:
         the simulated backward keeps (each simulated layer's block memory) and the loss gradient's softmax over the
         vocabulary (logits and probabilities at every position)."""
         model = self.base_model
-        L, n = model.spec.num_layers, model.config.n_simulation_layers
+        L, n = model.spec.num_layers, model.config.num_simulation_layers
         activations = (sum(layer.memory_numel(tokens) for layer in model.layers[L - n:])
                        + 2 * tokens * model.spec.vocab_size)
         return 2 * self.update_bytes_per_row(tokens) + activations * model.final_norm_prefix.element_size()

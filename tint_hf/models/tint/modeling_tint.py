@@ -5,7 +5,7 @@ forward pass on a sequence of T auxiliary tokens
 
 1. runs the auxiliary forward pass (OPT, GPT-2 or Llama-family) with its weights read from prefix embeddings;
 2. injects the gradient of the summed next-token loss over the *training part* at the final LayerNorm;
-3. runs the approximate backward pass through the top ``n_simulation_layers`` layers, and in the same layers
+3. runs the approximate backward pass through the top ``num_simulation_layers`` layers, and in the same layers
    adds ``-inner_lr * sum_t dy_t x_t^T`` to the prefix embeddings (the simulated SGD step);
 4. re-runs the top layers with the updated prefixes and predicts with them.
 
@@ -69,10 +69,10 @@ class TinTPreTrainedModel(TinTMemoryEstimates, PreTrainedModel):
             raise ValueError(f"The authors' construction exists for OPT and GPT-2 only, not {spec.family!r}: "
                              "there is no dense-equivalent count to report.")
         return authors_dense_parameter_count(
-            aux_family=spec.family, d=spec.hidden_size, n_aux_layers=spec.num_layers, n_aux_heads=spec.num_heads,
+            aux_family=spec.family, d=spec.hidden_size, num_aux_layers=spec.num_layers, num_aux_heads=spec.num_heads,
             d_ff=spec.ffn_dim, vocab_size=spec.vocab_size, max_positions=spec.max_positions, D=config.hidden_size,
-            P=config.num_prefixes, H=config.num_attention_heads, n_simulation_layers=config.n_simulation_layers,
-            n_steps=config.n_steps, reuse_forward_blocks=config.reuse_forward_blocks,
+            P=config.num_prefixes, H=config.num_attention_heads, num_simulation_layers=config.num_simulation_layers,
+            num_steps=config.num_steps, reuse_forward_blocks=config.reuse_forward_blocks,
             reuse_backward_blocks=config.reuse_backward_blocks, position_offset=spec.position_offset,
         )["total"]
 
@@ -85,6 +85,8 @@ class TinTPreTrainedModel(TinTMemoryEstimates, PreTrainedModel):
         what = f"TinT checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')}"
         _refuse_partial_load(what, info)
         built_for, now = getattr(model.config, "weights_built_for", None), model.structure()
+        if built_for is not None:  # keys as today's fields (a checkpoint may predate a rename)
+            built_for = {TinTConfig.attribute_map.get(k, k): v for k, v in built_for.items()}
         if built_for is not None and built_for != now:
             changed = sorted(k for k in now if built_for.get(k) != now[k])
             raise ValueError(f"The {what} was constructed for other values of {changed} than its config now holds "
@@ -99,7 +101,7 @@ class TinTPreTrainedModel(TinTMemoryEstimates, PreTrainedModel):
         aux = {k: v for k, v in self.config.aux_config.to_dict().items()
                if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
         return json.loads(json.dumps({"aux_config": aux, "num_prefixes": self.config.num_prefixes,
-                                      "n_simulation_layers": self.config.n_simulation_layers}))
+                                      "num_simulation_layers": self.config.num_simulation_layers}))
 
     def save_pretrained(self, *args, **kwargs):
         self.config.weights_built_for = self.structure()
@@ -182,19 +184,19 @@ class TinTModel(TinTPreTrainedModel):
 
         ``add_to``: an adaptation of this model (R = 1 or B) to which this call's update is added: the result is
         ``add_to + (step - W)``, W the weights before any step. One simulated step sums per-token terms taken at W,
-        and segments that do not attend to each other do not change each other's terms, so for ``n_steps == 1`` this
+        and segments that do not attend to each other do not change each other's terms, so for ``num_steps == 1`` this
         is exactly the step on both sets of sequences packed as segments (e.g. the demonstrations once, then each
         query's own tokens: the single-FT variant with the query in the training part). Later steps depend on the
-        earlier update, so ``n_steps > 1`` refuses it.
+        earlier update, so ``num_steps > 1`` refuses it.
 
         It follows torch's grad mode like ``forward``: under ``torch.no_grad()`` it keeps no graph; otherwise a loss
         computed with ``forward(x, adaptation=...)`` back-propagates through the simulated step (meta-training), as
         the one pass does. The adaptation remembers the model that made it; another model refuses it.
         """
         if add_to is not None:
-            if self.config.n_steps != 1:
+            if self.config.num_steps != 1:
                 raise ValueError(f"add_to sums the updates of separate steps, which is the joint step only for "
-                                 f"n_steps == 1 (this TinT takes {self.config.n_steps}): pack both sets as segments "
+                                 f"num_steps == 1 (this TinT takes {self.config.num_steps}): pack both sets as segments "
                                  "(segment_ids) in one call instead.")
             if add_to.origin != self.origin():
                 raise ValueError("add_to was made by another TinT model (or before this one changed); adapt again.")
@@ -220,12 +222,12 @@ class TinTModel(TinTPreTrainedModel):
         layers, and the versions of its parameters (any in-place change to a weight, e.g. an optimizer step, makes
         earlier adaptations stale)."""
         weight = self.embed_tokens.weight
-        return (id(self), weight.dtype, weight.device, self.config.n_simulation_layers,
+        return (id(self), weight.dtype, weight.device, self.config.num_simulation_layers,
                 sum(p._version for p in self.parameters()))
 
     def initial_adaptation(self, hidden: torch.Tensor) -> TinTAdaptation:
         """The auxiliary weights before any step (shared, R = 1)."""
-        L, n = self.spec.num_layers, self.config.n_simulation_layers
+        L, n = self.spec.num_layers, self.config.num_simulation_layers
         return TinTAdaptation([layer.initial_prefixes(hidden) for layer in self.layers[L - n:]],
                               self.final_norm_prefix.unsqueeze(0), self.origin())
 
@@ -233,7 +235,7 @@ class TinTModel(TinTPreTrainedModel):
                       lr: torch.Tensor) -> tuple[torch.Tensor, StepContext]:
         """Embeddings and the layers below the simulated ones (never updated: run once, reused by every pass):
         their output (B, T, d) and the attention / step context of the call."""
-        n, L = self.config.n_simulation_layers, self.spec.num_layers
+        n, L = self.config.num_simulation_layers, self.spec.num_layers
         hidden = self.embed_tokens(input_ids)
         rotary = None
         if self.spec.learned_positions:
@@ -263,7 +265,7 @@ class TinTModel(TinTPreTrainedModel):
         prefixes, final_prefix = [dict(layer) for layer in adaptation.prefixes], adaptation.final_prefix
         rows, group = distinct_rows(input_ids, masks, span, lr)
         step_context, step_ids = context.select(rows, span), input_ids[rows, :span]
-        for _ in range(self.config.n_steps):
+        for _ in range(self.config.num_steps):
             y, memories, final_x_hat, final_x = self._simulated_forward(
                 continued[rows, :span], TinTAdaptation(prefixes, final_prefix, adaptation.origin), step_context)
             # Gradient module: loss gradient at the final-LN output, final LN backward + descent.
@@ -271,7 +273,7 @@ class TinTModel(TinTPreTrainedModel):
             grad, final_prefix = self.final_norm.backward_descent(
                 grad, final_x, final_x_hat, final_prefix, step_context.token_lr, self.config.ln_bias_only,
                 self.config.backward, self.config.fd_scale)
-            for i in reversed(range(self.config.n_simulation_layers)):
+            for i in reversed(range(self.config.num_simulation_layers)):
                 grad, prefixes[i] = self.backward_block(grad, memories[i], prefixes[i], step_context)
             prefixes = [{slot: compact(p) for slot, p in layer.items()} for layer in prefixes]
             final_prefix = compact(final_prefix)
@@ -286,7 +288,7 @@ class TinTModel(TinTPreTrainedModel):
     def _simulated_forward(self, hidden, adaptation: TinTAdaptation, context):
         """The top layers (those the step updates) and the final LN with the weights of ``adaptation``, keeping
         each block's memory."""
-        n, L = self.config.n_simulation_layers, self.spec.num_layers
+        n, L = self.config.num_simulation_layers, self.spec.num_layers
         memories = []
         for layer, layer_prefixes in zip(self.layers[L - n:], adaptation.prefixes):
             hidden, memory = layer(hidden, layer_prefixes, context)
@@ -401,11 +403,12 @@ class TinTForCausalLM(TinTGenerationMixin, TinTPreTrainedModel):
                        progress: bool = False, **construction) -> TinTForCausalLM:
         """Construct TinT from an auxiliary OPT / GPT-2 / Llama model (an instance, a local folder or a Hub id).
 
-        ``construction`` holds :class:`TinTConfig` fields (num_prefixes, n_simulation_layers, inner_lr, ...).
+        ``construction`` holds :class:`TinTConfig` fields (num_prefixes, num_simulation_layers, inner_lr, ...).
         The prefix embeddings receive the auxiliary weights; nothing else needs values. ``progress`` shows a
         progress bar over the layers.
         """
-        unknown = sorted(set(construction) - {f.name for f in dataclasses.fields(TinTConfig)})
+        unknown = sorted(set(construction) - {f.name for f in dataclasses.fields(TinTConfig)}
+                         - set(TinTConfig.attribute_map))
         if unknown:
             own = sorted(set(TinTConfig.__annotations__) - {"aux_config"})  # TinT's own fields, not HF's generic ones
             raise TypeError(f"from_auxiliary got unknown TinTConfig fields {unknown}; TinT's fields are {own}.")
