@@ -195,11 +195,10 @@ def test_segments_give_the_single_ft_step_in_one_pass(family):
         tint(ids, None, train, segment_ids=segments.flip(-1))
 
     # logits_to_keep: the query segment alone in the output pass, same logits and loss as the full call's
-    calls = []
-    original_pass = tint.model._simulated_forward
-    tint.model._simulated_forward = lambda hidden, *rest: calls.append(hidden.shape[1]) or original_pass(hidden, *rest)
+    calls = []  # positions each pass runs the top (simulated) layer on
+    hook = tint.model.layers[-1].register_forward_pre_hook(lambda layer, args: calls.append(args[0].shape[1]))
     tail = tint(ids, None, train, segment_ids=segments, labels=ids, logits_to_keep=query.shape[1])
-    del tint.model._simulated_forward
+    hook.remove()
     assert calls[-1] == query.shape[1] and max(calls) < ids.shape[1]  # the step pass covers the demonstrations only
     assert rel(tail.logits, got) < 1e-12
     assert tail.loss.item() == pytest.approx(tint(ids, None, train, segment_ids=segments, labels=ids).loss.item(),
