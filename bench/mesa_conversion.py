@@ -24,6 +24,10 @@ not start with --held-out (default 1961 and 1962, Kennedy) and is scored on thos
 Held-out perplexity after each stage and next-token NLL by position band of each final model, and whether it uses
 context more than 64 tokens back: at 32 positions past 128 in every held-out block, the NLL with only the last 64
 tokens visible minus the NLL with the whole block ("gain from > 64 back"; zero for a model that cannot look further).
+With --tasks (e.g. ``SST2 MR CR Subj AGNews AmazonPolarity``, stand-ins from ``bash scripts/fetch_eval_assets.sh``),
+also each final model's zero-shot accuracy on those tasks, as ``tint-hf eval --modes icl --shots 0 --n-eval N
+--calibration C`` computes it (LoLCATs' zero-shot retention; C = --task-calibration, default icl_sfc: uncalibrated,
+SmolLM2 is near chance on several stand-ins).
 Every finished run is a record of the run store in --out (records.jsonl, run.json: :mod:`tint_hf.runstore`), so an
 interrupted study continues and a rerun with other study settings, another model or other text is refused;
 results.json (rewritten after every run) collects them,
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import shutil
 import statistics
@@ -50,12 +55,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tint_hf.conversion import ConversionSettings, convert, decoder_layers, finetune, perplexity  # noqa: E402
 from tint_hf.conversion_results import KINDS, LABELS, STAGES, mean_std, paired, stage_table  # noqa: E402
-from tint_hf.evaluation import address_split  # noqa: E402
-from tint_hf.runstore import RunStore, fingerprint_model, fingerprint_tensors, versions  # noqa: E402
+from tint_hf.evaluation import (  # noqa: E402
+    FewShotConfig,
+    FewShotEvaluator,
+    ModeConfig,
+    address_split,
+    get_task,
+    load_examples,
+)
+from tint_hf.evaluation.scoring import CALIBRATIONS  # noqa: E402
+from tint_hf.runstore import RunStore, fingerprint_json, fingerprint_model, fingerprint_tensors, versions  # noqa: E402
 
 RECORD = Path(__file__).resolve().parents[1] / "tint_hf" / "data" / "results" / "mesa_conversion.json"
 STUDY_ARGUMENTS = ("model", "held_out", "transfer_steps", "finetune_steps", "cg_steps", "block_size", "batch_size",
                    "eval_blocks", "window")  # runs recorded under other values of these cannot share one results.json
+TASK_ARGUMENTS = ("tasks", "task_examples", "task_calibration")  # study settings too, recorded only when --tasks is given
 
 
 @torch.no_grad()
@@ -91,10 +105,27 @@ def context_gain(model, blocks: torch.Tensor, nll: torch.Tensor) -> dict:
     return {"window": WINDOW, "windowed": windowed, "full": full, "gain": windowed - full}
 
 
-def final_scores(model, blocks: torch.Tensor, batch_size: int) -> dict:
-    """``nll`` by position (:func:`nll_by_position`) and ``context`` (:func:`context_gain`) of a model on ``blocks``."""
+def zero_shot(model, tokenizer, tasks: list[str], data_dir: Path, n_eval: int, calibration: str) -> dict[str, float]:
+    """Zero-shot accuracy per task, as ``tint-hf eval --modes icl --shots 0 --n-eval n_eval --calibration
+    calibration`` computes it (template 0, the same test examples)."""
+    config = FewShotConfig(shots=(0,), seeds=(1,), n_eval=n_eval, calibration=calibration, progress=False)
+    evaluator = FewShotEvaluator(model, tokenizer, config)
+    accuracy = {}
+    for name in tasks:
+        task = get_task(name)
+        train, test = (load_examples(task, split, data_dir=data_dir) for split in ("train", "eval"))
+        accuracy[name] = evaluator.evaluate_task(task, train, test, [ModeConfig("icl")]).runs[0]["accuracy"]
+    return accuracy
+
+
+def final_scores(model, blocks: torch.Tensor, batch_size: int, downstream=None) -> dict:
+    """``nll`` by position (:func:`nll_by_position`) and ``context`` (:func:`context_gain`) of a model on ``blocks``,
+    and ``zero_shot`` (``downstream(model)``: :func:`zero_shot` with the study's tasks) when there are tasks."""
     nll = nll_by_position(model, blocks, batch_size)
-    return {"nll": nll, "context": context_gain(model, blocks, nll)}
+    scores = {"nll": nll, "context": context_gain(model, blocks, nll)}
+    if downstream is not None:
+        scores["zero_shot"] = downstream(model)
+    return scores
 
 
 def zeroed_attention(model, layers):
@@ -125,7 +156,7 @@ def layer_key(layers: list[int]) -> str:
 
 
 def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: torch.Tensor, args, seed: int,
-                zero: bool, initial: float) -> dict:
+                zero: bool, initial: float, downstream=None) -> dict:
     """The original model, its attention in ``layers`` zeroed or not, fine-tuned with the conversion's token budget
     on those layers' feed-forward projections (see the module docstring); ``initial``: its perplexity before, as
     already measured for the references."""
@@ -137,10 +168,11 @@ def run_control(teacher, layers: list[int], train: torch.Tensor, evaluation: tor
     control, _ = finetune(control, teacher, train, args.transfer_steps + args.finetune_steps, 5e-4,
                           batch_size=args.batch_size, seed=seed, progress=False, layers=layers, target="mlp")
     record["finetune"] = perplexity(control, evaluation, args.batch_size)
-    return {"perplexity": record, **final_scores(control, evaluation, args.batch_size)}
+    return {"perplexity": record, **final_scores(control, evaluation, args.batch_size, downstream)}
 
 
-def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, seed: int, folder: Path) -> dict:
+def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, seed: int, folder: Path,
+             downstream=None) -> dict:
     windowed = kind == "window" or kind.endswith("+window")
     solver, _, target = ("cg" if kind == "window" else kind.removesuffix("+window")).partition("-")
     mesa = dict(mesa_solver=solver, cg_steps=args.cg_steps)
@@ -152,7 +184,7 @@ def run_mesa(teacher, layers: list[int], train, evaluation, args, kind: str, see
     student = convert(teacher, train, folder, settings, eval_blocks=evaluation, progress=False)
     record = json.loads((folder / "stages.json").read_text())
     return {"perplexity": {stage: facts["perplexity"] for stage, facts in record["stages"].items()},
-            **final_scores(student, evaluation, args.batch_size)}
+            **final_scores(student, evaluation, args.batch_size, downstream)}
 
 
 COMPARISONS = (("cg", "gd"), ("cg", "zero"), ("exact", "cg"), ("cg+window", "window"), ("cg+window", "zero"),
@@ -173,6 +205,25 @@ def paired_differences(result: dict, layers: str) -> list[str]:
             line += f", gain from > {WINDOW} back {mean_std(diff['gain'], 3)} ({len(diff['gain'])} seeds)"
         lines.append(line)
     return lines
+
+
+def zero_shot_table(result: dict, layers: str) -> list[str]:
+    """Zero-shot accuracy (%) per task and their mean, mean +- std over seeds, for the references and every run that
+    has it (none: no lines)."""
+    rows = [(name, [facts]) for name, facts in result["references"][layers].items()]
+    rows += [(LABELS[kind], [r for r in result["runs"] if r["layers"] == layers and r["run"] == kind]) for kind in KINDS]
+    rows = [(name, [r["zero_shot"] for r in runs if "zero_shot" in r]) for name, runs in rows]
+    rows = [(name, scores) for name, scores in rows if scores]
+    if not rows:
+        return []
+    tasks = list(rows[0][1][0])
+    lines = [f"Zero-shot accuracy (%), layers {layers}:", "", f"| model | seeds | {' | '.join(tasks)} | mean |",
+             "|---" * (len(tasks) + 3) + "|"]
+    for name, scores in rows:
+        cells = [mean_std([100 * s[t] for s in scores], 1) for t in tasks]
+        cells.append(mean_std([100 * statistics.mean(s.values()) for s in scores], 1))
+        lines.append(f"| {name} | {len(scores)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def report(result: dict, out: Path) -> None:
@@ -197,7 +248,7 @@ def report(result: dict, out: Path) -> None:
             cells.append(mean_std(gains, 3) + (f" ({len(gains)} seeds)" if 0 < len(gains) < len(runs) else ""))
             lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells)
                          + f" | {statistics.mean(r['seconds'] for r in runs) / 60:.1f} |")
-        lines += ["", *paired_differences(result, layers), ""]
+        lines += ["", *paired_differences(result, layers), "", *zero_shot_table(result, layers)]
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
     try:
@@ -241,6 +292,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--eval-blocks", type=int, default=0, help="score this many held-out blocks (0: all)")
     parser.add_argument("--window", type=int, default=64, help="W of the cg+window and window runs (LoLCATs: 64)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="stand-in tasks for each final model's zero-shot accuracy (default: none)")
+    parser.add_argument("--task-examples", type=int, default=200, help="test examples per task (--n-eval)")
+    parser.add_argument("--task-calibration", default="icl_sfc", choices=CALIBRATIONS,
+                        help="calibration of the zero-shot scores (tint-hf eval's --calibration)")
+    parser.add_argument("--data-dir", type=Path, default=Path("assets/eval_data"), help="the stand-ins' folder")
     parser.add_argument("--out", type=Path, default=Path("outputs/mesa_conversion"))
     parser.add_argument("--record", action="store_true",
                         help="also write results.json to tint_hf/data/results/mesa_conversion.json, the study the "
@@ -262,11 +319,21 @@ def main() -> None:
         raise SystemExit(f"--held-out: {error}") from error
     evaluation = evaluation[: args.eval_blocks or None]
     store = RunStore(args.out, "records.jsonl", fresh_start="use another --out")
-    store.check_settings({name: getattr(args, name) for name in STUDY_ARGUMENTS})
+    study = STUDY_ARGUMENTS + (TASK_ARGUMENTS if args.tasks else ())
+    store.check_settings({name: getattr(args, name) for name in study})
     store.check_provenance("versions", versions())
     store.check_provenance("teacher", fingerprint_model(teacher))
     store.check_provenance("blocks", fingerprint_tensors([("train", train), ("eval", evaluation)]))
-    facts = {"study": {name: str(getattr(args, name)) for name in STUDY_ARGUMENTS}, "train": kept, "held_out": held,
+    downstream = None
+    if args.tasks:
+        for name in args.tasks:
+            task = get_task(name)
+            store.check_provenance(f"data/{name}", fingerprint_json(
+                [[[e.text, e.label] for e in load_examples(task, split, data_dir=args.data_dir)]
+                 for split in ("train", "eval")]))
+        downstream = functools.partial(zero_shot, tokenizer=tokenizer, tasks=args.tasks, data_dir=args.data_dir,
+                                       n_eval=args.task_examples, calibration=args.task_calibration)
+    facts = {"study": {name: str(getattr(args, name)) for name in study}, "train": kept, "held_out": held,
              "train_tokens": train.numel(), "eval_tokens": evaluation.numel()}
 
     def results() -> dict:
@@ -288,10 +355,10 @@ def main() -> None:
         references = {}
         for name, zero in (("teacher", False), ("attention zeroed, untrained", True)):
             handles = zeroed_attention(teacher, layers) if zero else []
-            scores = final_scores(teacher, evaluation, args.batch_size)
-            nll = scores["nll"]
+            scores = final_scores(teacher, evaluation, args.batch_size, downstream)
+            nll = scores.pop("nll")
             references[name] = {"perplexity": float(nll.mean().exp()), "bands": bands(nll), "nll": nll.tolist(),
-                                "context": scores["context"]}
+                                **scores}
             for handle in handles:
                 handle.remove()
         put(f"ref|{key}", {"layers": key, "references": references})
@@ -305,10 +372,11 @@ def main() -> None:
                 if kind in ("zero", "original"):
                     reference = "attention zeroed, untrained" if kind == "zero" else "teacher"
                     run = run_control(teacher, layers, train, evaluation, args, seed, zero=kind == "zero",
-                                      initial=store.get(f"ref|{key}")["references"][reference]["perplexity"])
+                                      initial=store.get(f"ref|{key}")["references"][reference]["perplexity"],
+                                      downstream=downstream)
                 else:
                     folder = args.out / f"L{key}-{kind}-seed{seed}"
-                    run = run_mesa(teacher, layers, train, evaluation, args, kind, seed, folder)
+                    run = run_mesa(teacher, layers, train, evaluation, args, kind, seed, folder, downstream)
                     if not args.keep_checkpoints:
                         for stage in folder.iterdir():
                             if stage.is_dir():
