@@ -99,8 +99,15 @@ def test_the_tint_hf_lm_eval_model_equals_our_modes_per_example(tmp_path, data, 
     model = tiny_gpt2(vocab_size=50257, n_positions=256, dtype=torch.float32)
     hf, _ = lm_eval_scores(HFLM(pretrained=model, tokenizer=gpt2_tokenizer, batch_size=4, device="cpu"), tmp_path,
                            shots)
+    rows = []  # the choices of a question (one-token label words) share one scored row
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(args[0] if args else kwargs["input_ids"])), with_kwargs=True)
     icl, _ = lm_eval_scores(AdaptiveLM(model, tokenizer=gpt2_tokenizer, batch_size=3), tmp_path, shots)
+    hook.remove()
     torch.testing.assert_close(icl, hf, rtol=0, atol=1e-4)
+    assert all(len(gpt2_tokenizer(" " + word)["input_ids"]) == 1 for word in task.template(0).verbalizer)
+    if shots == 0:  # (with demonstrations the shared prefix runs once more, as one row)
+        assert rows == [3, 3, 2]  # 8 questions, 3 rows (= batch_size) per call
 
     builder = PromptBuilder(gpt2_tokenizer, task.template(0), train_on_query=True)
     contexts = [builder.example_context(demos, e.text) for e in examples]

@@ -215,9 +215,11 @@ class AdaptiveLM(TemplateLM):
                 weights = adapted
             for index, ((context_ids, _), members) in enumerate(chunk):
                 for i in members:
-                    pending.append((i, list(context_ids) + list(requests[i][2])[:-1], len(context_ids) - 1, index))
-                    if len(pending) == self.batch_size:
-                        self._score(requests, pending, weights, results)
+                    row = list(context_ids) + list(requests[i][2])[:-1]
+                    distinct = _distinct_rows(pending)
+                    if len(distinct) == self.batch_size and (tuple(row), index) not in distinct:
+                        self._score(requests, pending, weights, results)  # full: a new row starts the next batch
+                    pending.append((i, row, len(context_ids) - 1, index))
             if self.mode == "tint" and pending:
                 self._score(requests, pending, weights, results)
             bar.update(len(chunk))
@@ -241,16 +243,17 @@ class AdaptiveLM(TemplateLM):
 
     def _score(self, requests, pending: list, weights, results: list) -> None:
         """Score the ``pending`` requests (request, row, first scored position, update index) in one batch with
-        ``weights`` (for ``tint`` an adaptation holding one update per index), then empty ``pending``."""
-        rows = [row for _, row, _, _ in pending]
-        check_fits(self, max(len(r) for r in rows), "use fewer shots or a model with a longer context")
+        ``weights`` (for ``tint`` an adaptation holding one update per index), then empty ``pending``. Requests with
+        the same row and weights (the choices of a question whose continuations are one token) share one row."""
+        distinct = _distinct_rows(pending)
+        check_fits(self, max(len(row) for row, _ in distinct), "use fewer shots or a model with a longer context")
         skip = min(start for _, _, start, _ in pending)
         if self.mode == "tint" and weights is not None:
-            weights = weights.select(torch.tensor([index for *_, index in pending], device=self.device))
-        logits = self.logits(rows, weights, skip)
-        for row, (i, _, start, _) in enumerate(pending):
+            weights = weights.select(torch.tensor([index for _, index in distinct], device=self.device))
+        logits = self.logits([list(row) for row, _ in distinct], weights, skip)
+        for i, row, start, index in pending:
             continuation = torch.tensor(requests[i][2], device=logits.device)
-            scored = logits[row, start - skip: start - skip + len(continuation)]
+            scored = logits[distinct[(tuple(row), index)], start - skip: start - skip + len(continuation)]
             log_probs = torch.log_softmax(scored.double(), dim=-1)
             greedy = bool((log_probs.argmax(-1) == continuation).all())
             results[i] = (float(log_probs.gather(-1, continuation[:, None]).sum()), greedy)
@@ -303,6 +306,14 @@ class AdaptiveLM(TemplateLM):
                     break
             out.append(text)
         return out
+
+
+def _distinct_rows(pending: list) -> dict[tuple, int]:
+    """(row tokens, update index) of the pending requests -> its row in the scored batch, in order of appearance."""
+    distinct: dict[tuple, int] = {}
+    for _, row, _, index in pending:
+        distinct.setdefault((tuple(row), index), len(distinct))
+    return distinct
 
 
 def _check(ok: bool, name: str, value, what: str) -> None:
