@@ -190,14 +190,16 @@ class AdaptiveLM(TemplateLM):
         ``icl`` / ``dynamic``: consecutive requests with the same weights (every request for ``icl``; one question's
         choices; every question after the same demonstrations) are batched together, up to ``batch_size`` rows.
         ``tint``: the steps of the training parts of up to ``batch_size`` requests are taken together (one TinT call
-        with one update per training part, kept as factors), then those requests are scored in one batch."""
+        with one update per training part, kept as factors), then those requests are scored in one batch. Contexts
+        are taken longest first."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, ((context, _), context_ids, _) in enumerate(requests):
             groups.setdefault((tuple(context_ids), self.training_part(context, context_ids)), []).append(i)
         bar = tqdm(total=len(groups), desc=f"tint-hf {self.mode}", disable=disable_tqdm)
         pending: list[tuple[int, list[int], int, int]] = []  # (request, row, first scored position, update index)
-        items, weights = list(groups.items()), None
+        # longest contexts first (as HFLM orders them): rows of similar length share a batch, with little padding
+        items, weights = sorted(groups.items(), key=lambda item: -len(item[0][0])), None
         while items:
             if self.mode == "tint":  # as many training parts as fit one batch of requests (and memory), together
                 chunk = [items.pop(0)]
