@@ -78,6 +78,13 @@ def main() -> None:
     parser.add_argument("--tint-memory-gib", type=float, default=None,
                         help="the tint mode's budget for steps taken together (default: half the free memory)")
     args = parser.parse_args()
+    from tint_hf.evaluation import get_task
+
+    for name in args.tasks:
+        try:
+            get_task(name)
+        except KeyError as error:
+            parser.error(f"--tasks: {error.args[0]}")
     missing = [name for name in args.tasks if not (args.data / name).is_dir()]
     if not (args.model / "config.json").exists() or missing:
         raise SystemExit(f"No model at {args.model} or stand-ins {missing} in {args.data}: run "

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from tint_hf.commands.arguments import at_least  # noqa: E402
 from tint_hf.conversion import ConversionSettings, convert, decoder_layers, finetune, perplexity  # noqa: E402
 from tint_hf.conversion_results import KINDS, LABELS, STAGES, mean_std, paired, stage_table  # noqa: E402
 from tint_hf.evaluation import (  # noqa: E402
@@ -294,7 +295,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64, help="W of the cg+window and window runs (LoLCATs: 64)")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="stand-in tasks for each final model's zero-shot accuracy (default: none)")
-    parser.add_argument("--task-examples", type=int, default=200, help="test examples per task (--n-eval)")
+    parser.add_argument("--task-examples", type=at_least(1), default=200, help="test examples per task (--n-eval)")
     parser.add_argument("--task-calibration", default="icl_sfc", choices=CALIBRATIONS,
                         help="calibration of the zero-shot scores (tint-hf eval's --calibration)")
     parser.add_argument("--data-dir", type=Path, default=Path("assets/eval_data"), help="the stand-ins' folder")
@@ -305,6 +306,11 @@ def main() -> None:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each run's stage checkpoints (0.5 GB each for SmolLM2; default: only stages.json)")
     args = parser.parse_args()
+    for name in args.tasks or ():
+        try:
+            get_task(name)
+        except KeyError as error:
+            parser.error(f"--tasks: {error.args[0]}")
     if args.block_size <= GAIN_TARGETS[-1] + 1:
         parser.error(f"--block-size {args.block_size}: the context gain scores positions up to {GAIN_TARGETS[-1]}; "
                      f"use at least {GAIN_TARGETS[-1] + 2}.")
